@@ -1,0 +1,32 @@
+"""normcore: fast, exact CPU normalization layers for NumPy arrays, with PyTorch's semantics.
+
+    import numpy as np, normcore as nc
+    bn = nc.BatchNorm2d(3)
+    y = bn(x)                  # x: (N, 3, H, W) float32 or float64
+    dx = bn.backward(dy)       # bn.grads["weight"], bn.grads["bias"]
+"""
+from normcore import functional
+from normcore.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normcore.group_norm import GroupNorm
+from normcore.instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from normcore.layer_norm import LayerNorm
+from normcore.module import Module
+from normcore.threads import get_num_threads, openmp_enabled, set_num_threads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Module",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "GroupNorm",
+    "functional",
+    "set_num_threads",
+    "get_num_threads",
+    "openmp_enabled",
+]

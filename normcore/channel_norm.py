@@ -1,0 +1,99 @@
+"""What BatchNorm and InstanceNorm share: per-channel parameters and running statistics."""
+import numpy as np
+
+from normcore import grouped
+from normcore.module import Module
+from normcore.threads import get_num_threads
+from normcore.validation import (
+    check_bool,
+    check_dtype_arg,
+    check_eps,
+    check_grad_output,
+    check_momentum,
+    check_positive_int,
+)
+
+
+class ChannelNorm(Module):
+    """Base of BatchNorm and InstanceNorm (as PyTorch's ``_NormBase``).
+
+    Parameters ``weight`` (ones) and ``bias`` (zeros) when ``affine``; buffers
+    ``running_mean`` (zeros), ``running_var`` (ones) and ``num_batches_tracked`` (0-d int64)
+    when ``track_running_stats``; otherwise those attributes are None.
+    """
+
+    _parameter_names = ("weight", "bias")
+    _buffer_names = ("running_mean", "running_var", "num_batches_tracked")
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 dtype=np.float32):
+        super().__init__()
+        self.num_features = check_positive_int(num_features, "num_features")
+        self.eps = check_eps(eps)
+        self.momentum = check_momentum(momentum)
+        self.affine = check_bool(affine, "affine")
+        self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
+        self.dtype = check_dtype_arg(dtype)
+        C = self.num_features
+        self.weight = np.ones(C, self.dtype) if self.affine else None
+        self.bias = np.zeros(C, self.dtype) if self.affine else None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(C, self.dtype)
+            self.running_var = np.ones(C, self.dtype)
+            self.num_batches_tracked = np.zeros((), np.int64)
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self._saved = None
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+    def reset_parameters(self):
+        self.reset_running_stats()
+        if self.affine:
+            self.weight[...] = 1
+            self.bias[...] = 0
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats})")
+
+    # -- shared step -------------------------------------------------------------------------
+    def backward(self, dy):
+        """dx for the last forward; sets grads['weight'] and grads['bias'] when affine."""
+        saved = self._require_forward()
+        dy = check_grad_output(dy, saved.out_shape, saved.dtype)
+        dx, dweight, dbias = backward_saved(dy, saved)
+        self.grads = {}
+        if self.affine:
+            self.grads = {"weight": dweight.astype(self.dtype), "bias": dbias.astype(self.dtype)}
+        return dx
+
+
+class ForwardRecord:
+    """A forward's saved statistics plus what backward checks dy against."""
+
+    __slots__ = ("inner", "out_shape", "dtype", "C")
+
+    def __init__(self, inner, out_shape, dtype, C):
+        self.inner = inner          # grouped.Saved, or None for an empty input
+        self.out_shape = out_shape  # the shape dy must have
+        self.dtype = dtype          # the dtype dx has
+        self.C = C
+
+
+def backward_saved(dy, record):
+    """(dx, dweight, dbias) for a ForwardRecord; an empty input gives zero gradients."""
+    if record.inner is None:
+        return np.zeros(record.out_shape, record.dtype), np.zeros(record.C), np.zeros(record.C)
+    dy_b = dy.reshape(record.inner.shape)
+    dx, dweight, dbias = grouped.backward(dy_b, record.inner, get_num_threads())
+    return dx.reshape(record.out_shape), dweight, dbias
+
+
+def updated_running(running, batch, factor):
+    """(1 - factor) * running + factor * batch in float64 (not yet written anywhere)."""
+    return (1.0 - factor) * running.astype(np.float64) + factor * batch

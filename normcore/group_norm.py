@@ -1,0 +1,90 @@
+"""GroupNorm: statistics per (sample, group of C/G channels), gamma and beta per channel."""
+import math
+
+import numpy as np
+
+from normcore import grouped
+from normcore.channel_norm import ForwardRecord, backward_saved
+from normcore.module import Module
+from normcore.threads import get_num_threads
+from normcore.validation import (
+    as_float_array,
+    check_bool,
+    check_dtype_arg,
+    check_eps,
+    check_grad_output,
+    check_positive_int,
+)
+
+__all__ = ["GroupNorm", "group_norm_forward"]
+
+
+def check_group_input(x, num_groups, weight):
+    """PyTorch's rules for group_norm's input, as ValueError."""
+    if x.ndim < 2:
+        raise ValueError(f"Expected at least 2 dimensions for input tensor but received {x.ndim}")
+    C = x.shape[1]
+    if C % num_groups != 0:
+        raise ValueError(
+            "Expected number of channels in input to be divisible by num_groups, but got input of "
+            f"shape {list(x.shape)} and num_groups={num_groups}")
+    if weight is not None and weight.shape != (C,):
+        raise ValueError(
+            "Expected weight to be a vector of size equal to the number of channels in input, but got "
+            f"weight of shape {list(weight.shape)} and input of shape {list(x.shape)}")
+
+
+def group_norm_forward(x, num_groups, weight, bias, eps):
+    """Normalise x (N, C, *) over groups of C/G channels. Returns (y, record)."""
+    N, C = x.shape[:2]
+    L = math.prod(x.shape[2:])
+    if x.size == 0:
+        return np.empty_like(x), ForwardRecord(None, x.shape, x.dtype, C)
+    g = grouped.group_grouping(N, C, L, num_groups)
+    y, saved, _ = grouped.forward(x, g, weight, bias, eps, get_num_threads())
+    return y, ForwardRecord(saved, x.shape, x.dtype, C)
+
+
+class GroupNorm(Module):
+    """GroupNorm(num_groups, num_channels): x (N, C, *) normalised per (n, group)."""
+
+    _parameter_names = ("weight", "bias")
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32):
+        super().__init__()
+        self.num_groups = check_positive_int(num_groups, "num_groups")
+        self.num_channels = check_positive_int(num_channels, "num_channels")
+        if self.num_channels % self.num_groups != 0:
+            raise ValueError(
+                f"num_channels ({self.num_channels}) must be divisible by num_groups ({self.num_groups})")
+        self.eps = check_eps(eps)
+        self.affine = check_bool(affine, "affine")
+        self.dtype = check_dtype_arg(dtype)
+        self.weight = np.ones(self.num_channels, self.dtype) if self.affine else None
+        self.bias = np.zeros(self.num_channels, self.dtype) if self.affine else None
+        self._saved = None
+
+    def reset_parameters(self):
+        if self.affine:
+            self.weight[...] = 1
+            self.bias[...] = 0
+
+    def __repr__(self):
+        return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine})"
+
+    def forward(self, x):
+        x = as_float_array(x)
+        check_group_input(x, self.num_groups, self.weight)
+        y, record = group_norm_forward(x, self.num_groups, self.weight, self.bias, self.eps)
+        self._saved = record
+        return y
+
+    def backward(self, dy):
+        """dx for the last forward; sets grads['weight'] and grads['bias'] when affine."""
+        record = self._require_forward()
+        dy = check_grad_output(dy, record.out_shape, record.dtype)
+        dx, dweight, dbias = backward_saved(dy, record)
+        self.grads = {}
+        if self.affine:
+            self.grads = {"weight": dweight.astype(self.dtype), "bias": dbias.astype(self.dtype)}
+        return dx

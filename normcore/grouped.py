@@ -1,0 +1,205 @@
+"""BatchNorm, InstanceNorm and GroupNorm as one computation: statistics over groups of rows.
+
+View x of shape (N, C, *) as rows [N*C, L]: row r = (n, c) is contiguous. The rows are
+grouped as [outer, k, inner] and merged over k:
+
+    BatchNorm      outer=1,   k=N,   inner=C   group of row r: its channel r % C
+    InstanceNorm   outer=N*C, k=1,   inner=1   group of row r: the row itself
+    GroupNorm      outer=N*G, k=C/G, inner=1   group of row r: r // (C/G)
+
+Forward: reduce (per-row moments) -> combine (group mean and variance) -> apply
+(y = (x - mean) * rstd * gamma + beta). Backward: reduce (per-row sums of dy and
+dy * (x - mean)) -> combine (group sums, weighted by gamma) -> apply
+(dx = a * dy + b * (x - mean) + c). Nothing the size of x is kept or allocated besides the
+output: the backward recomputes from x and the saved O(N*C) statistics.
+"""
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
+from normcore._kernels.combine import merge_moments, sum_groups
+from normcore._kernels.grad_sums import row_grad_sums
+from normcore._kernels.moments import row_moments
+
+
+class Grouping(NamedTuple):
+    """How rows [N*C, L] are merged: as [outer, k, inner] over k."""
+
+    N: int
+    C: int
+    L: int
+    outer: int
+    k: int
+    inner: int
+
+    @property
+    def per_channel(self):
+        """True when the group of row r is its channel r % C (BatchNorm; running statistics)."""
+        return self.outer == 1 and self.inner == self.C
+
+    @property
+    def period(self):
+        """Coefficient arrays given to the kernels are indexed by r % period."""
+        return self.C if self.per_channel else self.N * self.C
+
+    def group_to_rows(self, a):
+        """Per-group values -> one per row (r % period)."""
+        if self.per_channel or self.k == 1:
+            return a
+        return np.repeat(a, self.k)
+
+    def channel_to_rows(self, a):
+        """Per-channel values -> one per row (r % period)."""
+        if self.per_channel or self.N == 1:
+            return a
+        return np.tile(a, self.N)
+
+
+def channel_grouping(N, C, L):
+    """BatchNorm: each channel's rows over the batch form one group."""
+    return Grouping(N, C, L, 1, N, C)
+
+
+def instance_grouping(N, C, L):
+    """InstanceNorm: every row is its own group."""
+    return Grouping(N, C, L, N * C, 1, 1)
+
+
+def group_grouping(N, C, L, G):
+    """GroupNorm: C/G consecutive rows of one sample form a group."""
+    return Grouping(N, C, L, N * G, C // G, 1)
+
+
+class Saved(NamedTuple):
+    """What backward needs from forward: x as rows (a view of x, or its contiguous copy), the
+    grouping, the group means and rstd, a float64 copy of gamma, and whether the statistics
+    were computed from x (they then depend on x) or given (running statistics, constants)."""
+
+    x2: np.ndarray
+    shape: tuple
+    grouping: Grouping
+    mean: np.ndarray
+    rstd: np.ndarray
+    weight: np.ndarray
+    batch_stats: bool
+
+
+class BatchStats(NamedTuple):
+    """Per-row and per-group moments of x, for the running statistics."""
+
+    row_mean: np.ndarray
+    row_m2: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+
+def as_rows(x, N, C):
+    """x (N, C, *) as a C-contiguous [N*C, L] array (a view when x is C-contiguous)."""
+    return np.ascontiguousarray(x).reshape(N * C, -1) if N * C else x.reshape(0, 0)
+
+
+def _f64(v, C, fill):
+    if v is None:
+        return np.full(C, fill)
+    return np.asarray(v, dtype=np.float64)
+
+
+def moments(x2, grouping, n_threads):
+    """Row and group moments of x2 = [N*C, L] (reduce + combine)."""
+    R = x2.shape[0]
+    row_mean = np.empty(R)
+    row_m2 = np.empty(R)
+    row_moments(x2, row_mean, row_m2, n_threads)
+    g = grouping
+    if g.k == 1:
+        return BatchStats(row_mean, row_m2, row_mean, row_m2)
+    mean = np.empty(g.outer * g.inner)
+    m2 = np.empty(g.outer * g.inner)
+    merge_moments(row_mean, row_m2, g.L, g.outer, g.k, g.inner, mean, m2)
+    return BatchStats(row_mean, row_m2, mean, m2)
+
+
+def forward(x, grouping, weight, bias, eps, n_threads, stats=None):
+    """Normalise x (N, C, *) over the groups of `grouping`.
+
+    stats: None to use the statistics of x, or per-channel (mean, var) to use given ones
+    (running statistics; `grouping` must then be per channel).
+    Returns (y, saved, batch_stats or None).
+    """
+    g = grouping
+    x2 = as_rows(x, g.N, g.C)
+    y2 = np.empty_like(x2)
+    w = _f64(weight, g.C, 1.0)
+    if stats is None:
+        batch = moments(x2, g, n_threads)
+        mean = batch.mean
+        var = batch.m2 / (g.k * g.L)
+    else:
+        batch = None
+        mean, var = (np.asarray(s, dtype=np.float64) for s in stats)
+    rstd = 1.0 / np.sqrt(np.maximum(var, 0.0) + eps)
+    center = g.group_to_rows(mean)
+    scale = g.group_to_rows(rstd) * g.channel_to_rows(w)
+    shift = g.channel_to_rows(_f64(bias, g.C, 0.0))
+    apply_rows(x2, y2, center, scale, shift, g.period, n_threads)
+    saved = Saved(x2, x.shape, g, mean, rstd, w, stats is None)
+    return y2.reshape(x.shape), saved, batch
+
+
+def backward(dy, saved, n_threads):
+    """dx, dweight, dbias (float64 per channel) for the forward that produced `saved`."""
+    g = saved.grouping
+    x2 = saved.x2
+    dy2 = as_rows(dy, g.N, g.C)
+    dx2 = np.empty_like(x2)
+    R = g.N * g.C
+    center = g.group_to_rows(saved.mean)
+    rstd_rows = g.group_to_rows(saved.rstd)
+    w_rows = g.channel_to_rows(saved.weight)
+    sdy = np.empty(R)
+    sdyxc = np.empty(R)
+    row_grad_sums(x2, dy2, center, g.period, sdy, sdyxc, n_threads)
+
+    # Parameter gradients: sums over the rows of each channel, in batch order.
+    dbias = _channel_sums(sdy, g)
+    if g.per_channel:
+        sxc = _channel_sums(sdyxc, g)
+        dweight = sxc * saved.rstd
+    else:
+        dweight = _channel_sums(sdyxc * rstd_rows, g)
+
+    a = rstd_rows * w_rows
+    if saved.batch_stats:
+        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = gamma * dy and the means
+        # over the group: a = gamma * rstd, b = -rstd^3 * sum(g * (x - mean)) / M,
+        # c = -rstd * sum(g) / M.
+        if g.per_channel:
+            s1 = saved.weight * dbias
+            s2 = saved.weight * sxc
+        else:
+            s1 = _group_sums(w_rows * sdy, g)
+            s2 = _group_sums(w_rows * sdyxc, g)
+        M = g.k * g.L
+        r = saved.rstd
+        b = g.group_to_rows(-(r * r * r) * s2 / M)
+        c = g.group_to_rows(-r * s1 / M)
+    else:
+        # Given (running) statistics are constants: dx = gamma * rstd * dy.
+        b = c = np.zeros(g.period)
+    apply_rows_backward(dy2, x2, dx2, center, a, b, c, g.period, n_threads)
+    return dx2.reshape(saved.shape), dweight, dbias
+
+
+def _group_sums(v, g):
+    """Per-row values summed over each group's rows, in row order."""
+    out = np.empty(g.outer * g.inner)
+    sum_groups(v, g.outer, g.k, g.inner, out)
+    return out
+
+
+def _channel_sums(v, g):
+    """Per-row values summed over the batch for each channel, in batch order."""
+    out = np.empty(g.C)
+    sum_groups(v, 1, g.N, g.C, out)
+    return out

@@ -1,0 +1,110 @@
+"""InstanceNorm1d / 2d / 3d: statistics per (sample, channel) over the spatial dims."""
+import math
+import warnings
+
+import numpy as np
+
+from normcore import grouped
+from normcore.channel_norm import ChannelNorm, ForwardRecord, updated_running
+from normcore.threads import get_num_threads
+from normcore.validation import as_float_array
+
+__all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "instance_norm_forward"]
+
+
+def check_spatial_size(x):
+    """PyTorch's rule: instance statistics need more than one spatial element."""
+    if x.ndim >= 2 and math.prod(x.shape[2:]) == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {x.shape}")
+
+
+def instance_norm_forward(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps):
+    """Normalise x (N, C, *) per (n, c); changes nothing.
+
+    use_input_stats: per-instance statistics of x (True) or the per-channel running ones.
+    Returns (y, record, new (running_mean, running_var) or None). As PyTorch, the new running
+    statistics are (1 - m) * running + m * (the mean over N of the instance statistics, with
+    the unbiased variance).
+    """
+    N, C = x.shape[:2]
+    L = math.prod(x.shape[2:])
+    if x.size == 0:
+        return np.empty_like(x), ForwardRecord(None, x.shape, x.dtype, C), None
+    n_threads = get_num_threads()
+    if not use_input_stats:
+        g = grouped.channel_grouping(N, C, L)
+        y, saved, _ = grouped.forward(x, g, weight, bias, eps, n_threads, stats=(running_mean, running_var))
+        return y, ForwardRecord(saved, x.shape, x.dtype, C), None
+    g = grouped.instance_grouping(N, C, L)
+    y, saved, stats = grouped.forward(x, g, weight, bias, eps, n_threads)
+    new = None
+    if running_mean is not None:
+        mean = stats.row_mean.reshape(N, C).mean(axis=0)
+        var = (stats.row_m2 / (L - 1)).reshape(N, C).mean(axis=0)
+        new = (updated_running(running_mean, mean, momentum), updated_running(running_var, var, momentum))
+    return y, ForwardRecord(saved, x.shape, x.dtype, C), new
+
+
+class _InstanceNorm(ChannelNorm):
+    """InstanceNorm over (N, C, *) or unbatched (C, *) input."""
+
+    _no_batch_dim = 0
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False,
+                 dtype=np.float32):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
+
+    def forward(self, x):
+        """y for x of shape (N, C, *) or (C, *); with track_running_stats, training updates
+        the running stats and eval uses them."""
+        x = as_float_array(x)
+        nb = self._no_batch_dim
+        if x.ndim not in (nb, nb + 1):
+            raise ValueError(f"expected {nb}D or {nb + 1}D input (got {x.ndim}D input)")
+        feature_dim = x.ndim - nb
+        C = x.shape[feature_dim]
+        if C != self.num_features:
+            if self.affine:
+                raise ValueError(
+                    f"expected input's size at dim={feature_dim} to match num_features "
+                    f"({self.num_features}), but got: {C}.")
+            if self.track_running_stats:
+                raise ValueError(
+                    f"expected input's size at dim={feature_dim} to match num_features "
+                    f"({self.num_features}) of the running statistics, but got: {C}.")
+            warnings.warn(
+                f"input's size at dim={feature_dim} does not match num_features. You can silence this "
+                "warning by not passing in num_features, which is not used because affine=False",
+                stacklevel=2)
+        xb = x[np.newaxis] if x.ndim == nb else x
+        use_input_stats = self.training or not self.track_running_stats
+        if use_input_stats:
+            check_spatial_size(xb)
+        # PyTorch passes momentum None on as 0.0, and never counts batches for InstanceNorm.
+        momentum = 0.0 if self.momentum is None else self.momentum
+        y, record, new = instance_norm_forward(
+            xb, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats, momentum, self.eps)
+        if new is not None:
+            self.running_mean[...] = new[0]
+            self.running_var[...] = new[1]
+        record.out_shape = x.shape
+        self._saved = record
+        return y.reshape(x.shape)
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """InstanceNorm over (N, C, L) or (C, L) input."""
+
+    _no_batch_dim = 2
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """InstanceNorm over (N, C, H, W) or (C, H, W) input."""
+
+    _no_batch_dim = 3
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """InstanceNorm over (N, C, D, H, W) or (C, D, H, W) input."""
+
+    _no_batch_dim = 4

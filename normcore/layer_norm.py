@@ -1,0 +1,164 @@
+"""LayerNorm: statistics per row over the trailing normalized_shape dims, element-wise affine.
+
+x is viewed as rows [R, L] with L = prod(normalized_shape): reduce (per-row moments) and
+apply with a per-column weight and bias (apply_cols); backward: per-row sums of
+weight * dy and weight * dy * (x - mean), then one apply pass, plus the column sums that give
+the weight and bias gradients.
+"""
+import math
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+from normcore._kernels.apply_cols import apply_cols, apply_cols_backward, col_param_grads
+from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
+from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
+from normcore._kernels.moments import row_moments
+from normcore.module import Module
+from normcore.threads import get_num_threads
+from normcore.validation import as_float_array, check_bool, check_dtype_arg, check_eps, check_grad_output
+
+__all__ = ["LayerNorm", "layer_norm_forward", "layer_norm_backward", "normalize_shape"]
+
+
+def normalize_shape(normalized_shape):
+    """normalized_shape (an int or a sequence of ints) as a tuple of ints >= 0."""
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        shape = (int(normalized_shape),)
+    else:
+        try:
+            shape = tuple(normalized_shape)
+        except TypeError:
+            raise TypeError(
+                f"normalized_shape must be an int or a sequence of ints, got {type(normalized_shape).__name__}"
+            ) from None
+        if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape):
+            raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
+        shape = tuple(int(d) for d in shape)
+    if not shape:
+        raise ValueError("Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one element")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"normalized_shape must not have negative sizes, got {shape}")
+    return shape
+
+
+def check_layer_input(x, shape, weight, bias):
+    """PyTorch's rule: x must end with normalized_shape (ValueError with its message)."""
+    k = len(shape)
+    if x.ndim < k or tuple(x.shape[x.ndim - k:]) != shape:
+        raise ValueError(
+            f"Given normalized_shape={list(shape)}, expected input with shape [*, "
+            f"{', '.join(str(d) for d in shape)}], but got input of size{list(x.shape)}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.shape != shape:
+            raise ValueError(f"Expected {name} to be of same shape as normalized_shape {shape}, got {p.shape}")
+
+
+class LayerSaved(NamedTuple):
+    x2: object  # x as rows [R, L] (a view of x or its contiguous copy); None for an empty x
+    shape: tuple
+    dtype: np.dtype
+    mean: np.ndarray
+    rstd: np.ndarray
+    weight: object  # weight as x's dtype, flattened, or None
+
+
+def layer_norm_forward(x, shape, weight, bias, eps):
+    """y and what backward needs, for x (*, *normalized_shape). Changes nothing."""
+    L = math.prod(shape)
+    R = math.prod(x.shape[: x.ndim - len(shape)])
+    if x.size == 0:
+        return np.empty_like(x), LayerSaved(None, x.shape, x.dtype, None, None, None)
+    n_threads = get_num_threads()
+    x2 = np.ascontiguousarray(x).reshape(R, L)
+    y2 = np.empty_like(x2)
+    mean = np.empty(R)
+    m2 = np.empty(R)
+    row_moments(x2, mean, m2, n_threads)
+    rstd = 1.0 / np.sqrt(m2 / L + eps)
+    w = None
+    if weight is not None or bias is not None:
+        w = (np.ones(L, x.dtype) if weight is None else np.ascontiguousarray(weight, dtype=x.dtype).reshape(L))
+        b = None if bias is None else np.ascontiguousarray(bias, dtype=x.dtype).reshape(L)
+        apply_cols(x2, y2, mean, rstd, w, b, n_threads)
+    else:
+        apply_rows(x2, y2, mean, rstd, np.zeros(R), R, n_threads)
+    return y2.reshape(x.shape), LayerSaved(x2, x.shape, x.dtype, mean, rstd, w)
+
+
+def layer_norm_backward(dy, saved):
+    """(dx, dweight, dbias) with dweight, dbias float64 of length L."""
+    if saved.x2 is None:
+        return np.zeros(saved.shape, dy.dtype), None, None
+    x2 = saved.x2
+    R, L = x2.shape
+    dy2 = np.ascontiguousarray(dy).reshape(R, L)
+    dx2 = np.empty_like(x2)
+    n_threads = get_num_threads()
+    s1 = np.empty(R)
+    s2 = np.empty(R)
+    if saved.weight is not None:
+        row_grad_sums_weighted(x2, dy2, saved.weight, saved.mean, R, s1, s2, n_threads)
+    else:
+        row_grad_sums(x2, dy2, saved.mean, R, s1, s2, n_threads)
+    r = saved.rstd
+    a = r
+    b = -(r * r * r) * s2 / L
+    c = -r * s1 / L
+    if saved.weight is not None:
+        apply_cols_backward(dy2, x2, dx2, saved.mean, a, b, c, saved.weight, n_threads)
+    else:
+        apply_rows_backward(dy2, x2, dx2, saved.mean, a, b, c, R, n_threads)
+    dweight = np.empty(L)
+    dbias = np.empty(L)
+    col_param_grads(x2, dy2, saved.mean, r, dweight, dbias, n_threads)
+    return dx2.reshape(saved.shape), dweight, dbias
+
+
+class LayerNorm(Module):
+    """LayerNorm(normalized_shape): x (*, *normalized_shape) normalised over the trailing dims."""
+
+    _parameter_names = ("weight", "bias")
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, dtype=np.float32):
+        super().__init__()
+        self.normalized_shape = normalize_shape(normalized_shape)
+        self.eps = check_eps(eps)
+        self.elementwise_affine = check_bool(elementwise_affine, "elementwise_affine")
+        has_bias = check_bool(bias, "bias")
+        self.dtype = check_dtype_arg(dtype)
+        shape = self.normalized_shape
+        self.weight = np.ones(shape, self.dtype) if self.elementwise_affine else None
+        self.bias = np.zeros(shape, self.dtype) if self.elementwise_affine and has_bias else None
+        self._saved = None
+
+    def reset_parameters(self):
+        if self.weight is not None:
+            self.weight[...] = 1
+        if self.bias is not None:
+            self.bias[...] = 0
+
+    def __repr__(self):
+        return (f"LayerNorm({self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None})")
+
+    def forward(self, x):
+        x = as_float_array(x)
+        check_layer_input(x, self.normalized_shape, self.weight, self.bias)
+        y, saved = layer_norm_forward(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        self._saved = saved
+        return y
+
+    def backward(self, dy):
+        """dx for the last forward; sets grads['weight'] (and grads['bias']) when affine."""
+        saved = self._require_forward()
+        dy = check_grad_output(dy, saved.shape, saved.dtype)
+        dx, dweight, dbias = layer_norm_backward(dy, saved)
+        self.grads = {}
+        shape = self.normalized_shape
+        for name, grad in (("weight", dweight), ("bias", dbias)):
+            if getattr(self, name) is not None:
+                self.grads[name] = (np.zeros(shape, self.dtype) if grad is None
+                                    else grad.reshape(shape).astype(self.dtype))
+        return dx

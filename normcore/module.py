@@ -1,0 +1,109 @@
+"""nc.Module: the base class of every layer, built-in or plugin.
+
+A subclass implements ``forward(x)`` and ``backward(dy)``; ``m(x)`` calls ``forward``. It lists
+the names of its parameters and buffers in ``_parameter_names`` and ``_buffer_names`` (an
+attribute may be None: the layer then has no such entry), and the base class gives it
+``train`` / ``eval``, ``parameters()``, ``state_dict()`` and ``load_state_dict()`` with
+PyTorch's keys and shapes.
+"""
+import numpy as np
+
+__all__ = ["Module"]
+
+
+class Module:
+    """Base class of normcore layers. ``Module()`` takes no arguments."""
+
+    _parameter_names = ()
+    _buffer_names = ()
+
+    def __init__(self):
+        self.training = True
+        # name -> gradient of that parameter, set by each backward.
+        self.grads = {}
+
+    # -- the interface a layer implements ---------------------------------------------------
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward(x)")
+
+    def backward(self, dy):
+        raise NotImplementedError(f"{type(self).__name__} does not implement backward(dy)")
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    # -- mode ----------------------------------------------------------------------------------
+    def train(self, mode=True):
+        """Set training mode (True) or evaluation mode (False); returns self."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise ValueError(f"training mode is expected to be boolean, got {type(mode).__name__}")
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set evaluation mode; returns self."""
+        return self.train(False)
+
+    # -- parameters and state ------------------------------------------------------------------
+    def parameters(self):
+        """name -> the parameter array itself (update it in place to train)."""
+        return {n: getattr(self, n) for n in self._parameter_names if getattr(self, n) is not None}
+
+    def _state_names(self):
+        return [n for n in (*self._parameter_names, *self._buffer_names) if getattr(self, n, None) is not None]
+
+    def state_dict(self):
+        """name -> a copy of every parameter and buffer, with PyTorch's keys and shapes."""
+        return {n: np.array(getattr(self, n), copy=True) for n in self._state_names()}
+
+    def load_state_dict(self, state_dict):
+        """Load parameters and buffers saved by ``state_dict`` (normcore's or PyTorch's,
+        as NumPy arrays). Every entry is checked before any is written: a state dict with
+        missing or unexpected keys (KeyError), wrong shapes (ValueError) or non-numeric values
+        (TypeError) leaves the module untouched."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
+        expected = self._state_names()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict.keys() if k not in expected]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing key(s) {missing}")
+            if unexpected:
+                parts.append(f"unexpected key(s) {unexpected}")
+            raise KeyError(
+                f"Error loading state_dict into {type(self).__name__}: {'; '.join(parts)} "
+                f"(expected exactly {expected})"
+            )
+        staged = {}
+        for name in expected:
+            current = getattr(self, name)
+            value = state_dict[name]
+            if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
+                value = value.detach().cpu().numpy()
+            try:
+                value = np.asarray(value)
+            except Exception as exc:  # noqa: BLE001 - report any failed conversion as a type error
+                raise TypeError(f"state_dict[{name!r}] is not an array: {exc}") from exc
+            kinds = "iu" if current.dtype.kind in "iu" else "fiu"
+            if value.dtype.kind not in kinds:
+                raise TypeError(
+                    f"state_dict[{name!r}] must hold {'integers' if kinds == 'iu' else 'real numbers'}, "
+                    f"got dtype {value.dtype}"
+                )
+            if value.shape != current.shape:
+                raise ValueError(
+                    f"size mismatch for {name}: got shape {value.shape} from the state dict, "
+                    f"the module has shape {current.shape}"
+                )
+            staged[name] = value
+        for name, value in staged.items():
+            np.copyto(getattr(self, name), value, casting="unsafe")
+
+    # -- helpers for subclasses ----------------------------------------------------------------
+    def _require_forward(self):
+        saved = getattr(self, "_saved", None)
+        if saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
+        return saved

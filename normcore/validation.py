@@ -1,0 +1,94 @@
+"""Checks of user input shared by the layers. Each raises an exception that says what was
+wrong and what was expected; none changes any state."""
+import numbers
+import math
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_float_array(x, name="input"):
+    """`x` as a float32 or float64 ndarray (no copy when it already is one).
+
+    Python sequences are converted (to float64 when they hold ints or bools); an ndarray of any
+    other dtype is refused with TypeError rather than silently converted.
+    """
+    if not isinstance(x, np.ndarray):
+        if isinstance(x, (str, bytes)) or x is None:
+            raise TypeError(f"{name} must be a float32 or float64 array, got {type(x).__name__}")
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:
+            raise TypeError(f"{name} could not be converted to a numeric array: {exc}") from exc
+        if arr.dtype.kind in "biu":
+            arr = arr.astype(np.float64)
+        x = arr
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    return x
+
+
+def check_dtype_arg(dtype):
+    """The `dtype` constructor argument as a NumPy float dtype."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from exc
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt}")
+    return dt
+
+
+def check_positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def check_eps(eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    return eps
+
+
+def check_momentum(momentum):
+    if momentum is None:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number or None, got {type(momentum).__name__}")
+    momentum = float(momentum)
+    if not math.isfinite(momentum):
+        raise ValueError(f"momentum must be finite, got {momentum}")
+    return momentum
+
+
+def check_bool(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_vector(v, length, name):
+    """An optional per-channel parameter or statistic: None, or a 1-D float array of `length`."""
+    if v is None:
+        return None
+    v = as_float_array(v, name)
+    if v.shape != (length,):
+        raise ValueError(f"{name} should contain {length} elements (one per channel), got shape {v.shape}")
+    return v
+
+
+def check_grad_output(dy, shape, dtype):
+    """`dy` of backward: a float array of the forward input's shape, cast to its dtype."""
+    dy = as_float_array(dy, "dy")
+    if dy.shape != shape:
+        raise ValueError(f"dy must have the shape of the last forward's input {shape}, got {dy.shape}")
+    if dy.dtype != dtype:
+        dy = dy.astype(dtype)
+    return dy

@@ -1,0 +1,4 @@
+"""normcore.plugins: normalization methods built only on normcore's public toolkit.
+
+Installed as the subpackage ``normcore.plugins`` (from the top-level ``plugins/`` folder).
+"""

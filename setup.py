@@ -1,0 +1,131 @@
+"""Build normcore's Cython kernels (pyx/*.pyx -> normcore._kernels.*).
+
+Environment variables read at build time:
+
+NORMCORE_REQUIRE_OPENMP=1  fail the build when the compiler cannot do OpenMP
+                           (by default the build warns and the kernels run serially).
+NORMCORE_NATIVE=1          compile with -march=native (by default the flags are portable).
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import warnings
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).resolve().parent
+PYX = HERE / "pyx"
+
+OPENMP_PROBE = textwrap.dedent(
+    """
+    #include <omp.h>
+    #include <stdio.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        printf("%d", n > 0 && omp_get_max_threads() > 0);
+        return 0;
+    }
+    """
+)
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _openmp_flags(compiler):
+    """Compile and run a tiny OpenMP program; return (compile_args, link_args) or None."""
+    if sys.platform == "win32" and compiler.compiler_type == "msvc":
+        candidates = [(["/openmp"], [])]
+    elif sys.platform == "darwin":
+        candidates = [(["-Xpreprocessor", "-fopenmp"], ["-lomp"]), (["-fopenmp"], ["-fopenmp"])]
+    else:
+        candidates = [(["-fopenmp"], ["-fopenmp"])]
+    for cflags, lflags in candidates:
+        tmp = tempfile.mkdtemp(prefix="normcore-omp-")
+        cwd = os.getcwd()
+        try:
+            os.chdir(tmp)
+            Path("probe.c").write_text(OPENMP_PROBE)
+            objects = compiler.compile(["probe.c"], extra_postargs=cflags)
+            compiler.link_executable(objects, "probe", extra_postargs=lflags)
+            out = subprocess.run([os.path.join(tmp, "probe")], capture_output=True, text=True, timeout=60)
+            if out.returncode == 0 and out.stdout.strip() == "1":
+                return cflags, lflags
+        except Exception:  # noqa: BLE001 - any failure means "no OpenMP with these flags"
+            pass
+        finally:
+            os.chdir(cwd)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return None
+
+
+class BuildExt(build_ext):
+    """build_ext that probes OpenMP once and sets the compiler flags of every kernel."""
+
+    def build_extensions(self):
+        flags = _openmp_flags(self.compiler)
+        if flags is None:
+            message = (
+                "normcore: the C compiler cannot build OpenMP code; the kernels will run on one "
+                "thread. Install an OpenMP runtime (libgomp / libomp) for parallel kernels."
+            )
+            if _truthy("NORMCORE_REQUIRE_OPENMP"):
+                raise RuntimeError(message + " (NORMCORE_REQUIRE_OPENMP is set.)")
+            warnings.warn(message)
+            print("WARNING: " + message, file=sys.stderr)
+            cflags, lflags = [], []
+        else:
+            cflags, lflags = flags
+        if self.compiler.compiler_type == "msvc":
+            opt = ["/O2"]
+        else:
+            opt = ["-O3"]
+            if _truthy("NORMCORE_NATIVE"):
+                opt.append("-march=native")
+        for ext in self.extensions:
+            ext.extra_compile_args = opt + cflags + list(ext.extra_compile_args or [])
+            ext.extra_link_args = lflags + list(ext.extra_link_args or [])
+        super().build_extensions()
+
+
+def _extensions():
+    from Cython.Build import cythonize
+
+    sources = sorted(PYX.glob("*.pyx"))
+    extensions = [
+        Extension(
+            f"normcore._kernels.{src.stem}",
+            [os.path.relpath(src, HERE)],
+            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        )
+        for src in sources
+    ]
+    return cythonize(
+        extensions,
+        include_path=[str(PYX)],
+        compiler_directives={
+            "language_level": 3,
+            "boundscheck": False,
+            "wraparound": False,
+            "initializedcheck": False,
+            "cdivision": True,
+            "embedsignature": True,
+        },
+    )
+
+
+setup(
+    packages=["normcore", "normcore._kernels", "normcore.plugins"],
+    package_dir={"normcore.plugins": "plugins"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExt},
+    zip_safe=False,
+)

@@ -1,0 +1,256 @@
+"""Plain float64 NumPy reference implementations of the normalization layers.
+
+Written for clarity, not speed.  Independent of normcore (NumPy only).
+All computations happen in float64; inputs are never mutated.
+
+Conventions (same as torch.nn):
+    xhat = (x - mean) / sqrt(var + eps)      (biased variance)
+    y    = xhat * weight + bias
+For the backward functions, with g = dy * weight (broadcast) and the
+normalisation statistics taken over `axes` (the reduction axes):
+    dx      = rstd * (g - mean(g, axes) - xhat * mean(g * xhat, axes))
+    dweight = sum(dy * xhat) over all non-parameter axes
+    dbias   = sum(dy)        over all non-parameter axes
+When the statistics are constants (eval mode) the mean terms vanish:
+    dx = g * rstd.
+dweight/dbias are always returned (computed as if weight were ones when
+weight is None); callers ignore them when the layer has no affine params.
+"""
+import numpy as np
+
+
+def _f64(a):
+    return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+def _channel_shape(x):
+    """Shape that broadcasts a per-channel (C,) vector against x of shape (N, C, *)."""
+    return (1, x.shape[1]) + (1,) * (x.ndim - 2)
+
+
+def _channel_reduce_axes(x):
+    """Axes (0, 2, 3, ...) of x of shape (N, C, *): everything except the channel."""
+    return (0,) + tuple(range(2, x.ndim))
+
+
+def _per_channel(v, x):
+    """Per-channel vector (C,) reshaped to broadcast against x; None -> None."""
+    return None if v is None else v.reshape(_channel_shape(x))
+
+
+def _affine(xhat, weight, bias):
+    y = xhat
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _normalized_backward(g, xhat, rstd, axes):
+    """dx of xhat = (x - mean(x, axes)) * rstd, given g = dL/dxhat (stats from x)."""
+    g_mean = np.mean(g, axis=axes, keepdims=True)
+    gx_mean = np.mean(g * xhat, axis=axes, keepdims=True)
+    return rstd * (g - g_mean - xhat * gx_mean)
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm
+# ---------------------------------------------------------------------------
+
+def batch_norm_forward(x, weight, bias, running_mean, running_var, training,
+                       momentum, eps, num_batches_tracked=None):
+    x = _f64(x)
+    weight, bias = _f64(weight), _f64(bias)
+    running_mean, running_var = _f64(running_mean), _f64(running_var)
+    axes = _channel_reduce_axes(x)
+    new_rm = None if running_mean is None else running_mean.copy()
+    new_rv = None if running_var is None else running_var.copy()
+
+    if training:
+        mean = np.mean(x, axis=axes)
+        var = np.var(x, axis=axes)  # biased, used for normalisation
+        n = x.size // x.shape[1]
+        if running_mean is not None:
+            if momentum is None:
+                factor = 1.0 / float(num_batches_tracked)
+            else:
+                factor = float(momentum)
+            unbiased_var = var * n / (n - 1)
+            new_rm = (1.0 - factor) * running_mean + factor * mean
+            new_rv = (1.0 - factor) * running_var + factor * unbiased_var
+    else:
+        mean = running_mean
+        var = running_var
+
+    xhat = (x - _per_channel(mean, x)) / np.sqrt(_per_channel(var, x) + eps)
+    y = _affine(xhat, _per_channel(weight, x), _per_channel(bias, x))
+    return y, new_rm, new_rv
+
+
+def batch_norm_backward(x, dy, weight, mean, var, eps):
+    """Gradient when batch statistics (biased var) were used."""
+    x, dy = _f64(x), _f64(dy)
+    C = x.shape[1]
+    weight = np.ones(C) if weight is None else _f64(weight)
+    mean, var = _f64(mean), _f64(var)
+    axes = _channel_reduce_axes(x)
+
+    rstd = 1.0 / np.sqrt(_per_channel(var, x) + eps)
+    xhat = (x - _per_channel(mean, x)) * rstd
+    g = dy * _per_channel(weight, x)
+    dx = _normalized_backward(g, xhat, rstd, axes)
+    dweight = np.sum(dy * xhat, axis=axes)
+    dbias = np.sum(dy, axis=axes)
+    return dx, dweight, dbias
+
+
+def batch_norm_backward_eval(x, dy, weight, running_mean, running_var, eps):
+    """Gradient when running statistics (constants) were used."""
+    x, dy = _f64(x), _f64(dy)
+    C = x.shape[1]
+    weight = np.ones(C) if weight is None else _f64(weight)
+    running_mean, running_var = _f64(running_mean), _f64(running_var)
+    axes = _channel_reduce_axes(x)
+
+    rstd = 1.0 / np.sqrt(_per_channel(running_var, x) + eps)
+    xhat = (x - _per_channel(running_mean, x)) * rstd
+    dx = dy * _per_channel(weight, x) * rstd
+    dweight = np.sum(dy * xhat, axis=axes)
+    dbias = np.sum(dy, axis=axes)
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------
+# InstanceNorm
+# ---------------------------------------------------------------------------
+
+def instance_norm_forward(x, weight, bias, running_mean, running_var,
+                          use_input_stats, momentum, eps):
+    x = _f64(x)
+    weight, bias = _f64(weight), _f64(bias)
+    running_mean, running_var = _f64(running_mean), _f64(running_var)
+    if momentum is None:
+        momentum = 0.0  # torch's InstanceNorm passes 0.0 for momentum=None
+    new_rm = None if running_mean is None else running_mean.copy()
+    new_rv = None if running_var is None else running_var.copy()
+
+    if use_input_stats:
+        axes = tuple(range(2, x.ndim))
+        mean = np.mean(x, axis=axes, keepdims=True)  # (N, C, 1, ...)
+        var = np.var(x, axis=axes, keepdims=True)    # biased
+        if running_mean is not None:
+            L = x.size // (x.shape[0] * x.shape[1])
+            inst_mean = mean.reshape(x.shape[0], x.shape[1])
+            inst_unbiased_var = var.reshape(x.shape[0], x.shape[1]) * L / (L - 1)
+            new_rm = (1.0 - momentum) * running_mean + momentum * np.mean(inst_mean, axis=0)
+            new_rv = (1.0 - momentum) * running_var + momentum * np.mean(inst_unbiased_var, axis=0)
+    else:
+        mean = _per_channel(running_mean, x)
+        var = _per_channel(running_var, x)
+
+    xhat = (x - mean) / np.sqrt(var + eps)
+    y = _affine(xhat, _per_channel(weight, x), _per_channel(bias, x))
+    return y, new_rm, new_rv
+
+
+def instance_norm_backward(x, dy, weight, eps):
+    """Gradient when per-instance input statistics were used."""
+    x, dy = _f64(x), _f64(dy)
+    C = x.shape[1]
+    weight = np.ones(C) if weight is None else _f64(weight)
+    stat_axes = tuple(range(2, x.ndim))
+
+    mean = np.mean(x, axis=stat_axes, keepdims=True)
+    var = np.var(x, axis=stat_axes, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mean) * rstd
+    g = dy * _per_channel(weight, x)
+    dx = _normalized_backward(g, xhat, rstd, stat_axes)
+    param_axes = _channel_reduce_axes(x)
+    dweight = np.sum(dy * xhat, axis=param_axes)
+    dbias = np.sum(dy, axis=param_axes)
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------
+# LayerNorm
+# ---------------------------------------------------------------------------
+
+def _layer_norm_axes(x, normalized_shape):
+    if isinstance(normalized_shape, (int, np.integer)):
+        normalized_shape = (int(normalized_shape),)
+    normalized_shape = tuple(normalized_shape)
+    k = len(normalized_shape)
+    assert x.shape[x.ndim - k:] == normalized_shape, (x.shape, normalized_shape)
+    stat_axes = tuple(range(x.ndim - k, x.ndim))
+    param_axes = tuple(range(0, x.ndim - k))
+    return stat_axes, param_axes
+
+
+def layer_norm_forward(x, normalized_shape, weight, bias, eps):
+    x = _f64(x)
+    weight, bias = _f64(weight), _f64(bias)
+    stat_axes, _ = _layer_norm_axes(x, normalized_shape)
+    mean = np.mean(x, axis=stat_axes, keepdims=True)
+    var = np.var(x, axis=stat_axes, keepdims=True)
+    xhat = (x - mean) / np.sqrt(var + eps)
+    return _affine(xhat, weight, bias)  # weight/bias broadcast over the trailing dims
+
+
+def layer_norm_backward(x, dy, normalized_shape, weight, eps):
+    x, dy = _f64(x), _f64(dy)
+    stat_axes, param_axes = _layer_norm_axes(x, normalized_shape)
+    param_shape = x.shape[x.ndim - len(stat_axes):]
+    weight = np.ones(param_shape) if weight is None else _f64(weight)
+
+    mean = np.mean(x, axis=stat_axes, keepdims=True)
+    var = np.var(x, axis=stat_axes, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat = (x - mean) * rstd
+    g = dy * weight
+    dx = _normalized_backward(g, xhat, rstd, stat_axes)
+    dweight = np.sum(dy * xhat, axis=param_axes)
+    dbias = np.sum(dy, axis=param_axes)
+    return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------
+# GroupNorm
+# ---------------------------------------------------------------------------
+
+def _grouped(a, num_groups):
+    """(N, C, *) -> (N, G, C // G * prod(*)); statistics are over axis 2."""
+    N, C = a.shape[0], a.shape[1]
+    assert C % num_groups == 0
+    return a.reshape(N, num_groups, -1)
+
+
+def group_norm_forward(x, num_groups, weight, bias, eps):
+    x = _f64(x)
+    weight, bias = _f64(weight), _f64(bias)
+    xg = _grouped(x, num_groups)
+    mean = np.mean(xg, axis=2, keepdims=True)
+    var = np.var(xg, axis=2, keepdims=True)
+    xhat = ((xg - mean) / np.sqrt(var + eps)).reshape(x.shape)
+    return _affine(xhat, _per_channel(weight, x), _per_channel(bias, x))
+
+
+def group_norm_backward(x, dy, num_groups, weight, eps):
+    x, dy = _f64(x), _f64(dy)
+    C = x.shape[1]
+    weight = np.ones(C) if weight is None else _f64(weight)
+
+    xg = _grouped(x, num_groups)
+    mean = np.mean(xg, axis=2, keepdims=True)
+    var = np.var(xg, axis=2, keepdims=True)
+    rstd = 1.0 / np.sqrt(var + eps)
+    xhat_g = (xg - mean) * rstd
+    g = _grouped(dy * _per_channel(weight, x), num_groups)
+    dx = _normalized_backward(g, xhat_g, rstd, axes=(2,)).reshape(x.shape)
+
+    xhat = xhat_g.reshape(x.shape)
+    param_axes = _channel_reduce_axes(x)
+    dweight = np.sum(dy * xhat, axis=param_axes)
+    dbias = np.sum(dy, axis=param_axes)
+    return dx, dweight, dbias
