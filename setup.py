@@ -40,6 +40,22 @@ def _truthy(name):
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _compiles(compiler, flags):
+    """Whether a trivial C file compiles with `flags`."""
+    tmp = tempfile.mkdtemp(prefix="normcore-flag-")
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp)
+        Path("flag.c").write_text("int main(void) { return 0; }\n")
+        compiler.compile(["flag.c"], extra_postargs=flags)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not supported"
+        return False
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _openmp_flags(compiler):
     """Compile and run a tiny OpenMP program; return (compile_args, link_args) or None."""
     if sys.platform == "win32" and compiler.compiler_type == "msvc":
@@ -82,6 +98,9 @@ class BuildExt(build_ext):
             warnings.warn(message)
             print("WARNING: " + message, file=sys.stderr)
             cflags, lflags = [], []
+            # The SIMD pragmas of block_sums.h need no runtime: keep them where possible.
+            if self.compiler.compiler_type != "msvc" and _compiles(self.compiler, ["-fopenmp-simd"]):
+                cflags = ["-fopenmp-simd"]
         else:
             cflags, lflags = flags
         if self.compiler.compiler_type == "msvc":
@@ -104,6 +123,8 @@ def _extensions():
         Extension(
             f"normcore._kernels.{src.stem}",
             [os.path.relpath(src, HERE)],
+            include_dirs=[os.path.relpath(PYX, HERE)],
+            depends=[os.path.relpath(p, HERE) for p in sorted(PYX.glob("*.h")) + sorted(PYX.glob("*.pxd"))],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         )
         for src in sources

@@ -31,14 +31,10 @@ cdef inline void _forward(const floating* x, floating* y, const floating* w, con
 
 cdef inline void _backward(const floating* dy, const floating* x, floating* dx, const floating* w,
                            Py_ssize_t n, double center, double a, double b, double c) noexcept nogil:
+    # In float64, rounded once (see apply_rows._backward).
     cdef Py_ssize_t j
-    cdef floating hi, lo
-    cdef floating a_ = <floating>a
-    cdef floating b_ = <floating>b
-    cdef floating c_ = <floating>c
-    split_center(center, &hi, &lo)
     for j in range(n):
-        dx[j] = a_ * w[j] * dy[j] + b_ * ((x[j] - hi) - lo) + c_
+        dx[j] = <floating>(a * (<double>w[j] * dy[j]) + (b * (<double>x[j] - center) + c))
 
 
 def _check_rows(Py_ssize_t R, Py_ssize_t L, arrays, vectors, w):

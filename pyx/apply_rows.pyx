@@ -1,12 +1,13 @@
 """Apply, per row: one pass of an affine map whose coefficients are constant along a row.
 
-forward:  y  = ((x - center) * scale) + shift
-backward: dx = a * dy + b * (x - center) + c
+forward:  y  = ((x - center) * scale) + shift      (in the array type)
+backward: dx = a * dy + b * (x - center) + c       (in float64, rounded once)
 
 Coefficients are float64 arrays indexed by r % period (period = C lets BatchNorm pass
 per-channel arrays for rows (n, c); period = R gives one coefficient per row). The arithmetic
-is in the array type; the center is split in two parts of that type so x - center is formed
-without losing digits to a large mean (a constant row maps exactly to its shift).
+of the forward is in the array type, with the center split in two parts of that type so
+x - center is formed without losing digits to a large mean (a constant row maps exactly to its
+shift).
 """
 from cython.parallel import prange
 
@@ -28,14 +29,12 @@ cdef inline void _forward(const floating* x, floating* y, Py_ssize_t n, double c
 
 cdef inline void _backward(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
                            double center, double a, double b, double c) noexcept nogil:
+    # In float64 whatever the array type: a * dy and c nearly cancel when a group holds few
+    # values (one value: dx is exactly 0), and rounding each term to float32 first would leave
+    # noise of a few ulps of a * dy.
     cdef Py_ssize_t i
-    cdef floating hi, lo
-    cdef floating a_ = <floating>a
-    cdef floating b_ = <floating>b
-    cdef floating c_ = <floating>c
-    split_center(center, &hi, &lo)
     for i in range(n):
-        dx[i] = a_ * dy[i] + b_ * ((x[i] - hi) - lo) + c_
+        dx[i] = <floating>(a * dy[i] + (b * (<double>x[i] - center) + c))
 
 
 def _check_coeffs(Py_ssize_t R, Py_ssize_t period, *coeffs):
