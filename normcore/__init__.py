@@ -5,6 +5,15 @@
     y = bn(x)                  # x: (N, 3, H, W) float32 or float64
     dx = bn.backward(dy)       # bn.grads["weight"], bn.grads["bias"]
 """
+try:
+    from normcore._kernels import openmp_info as _openmp_info  # noqa: F401 - checks the build
+except ImportError as _exc:  # pragma: no cover - depends on how normcore was installed
+    raise ImportError(
+        "normcore's compiled kernels (normcore._kernels) cannot be imported. Inside a source "
+        "checkout, build them in place with `pip install -e .` (a plain `pip install .` installs "
+        "a built copy elsewhere, which this source folder shadows when Python runs from it)."
+    ) from _exc
+
 from normcore import functional
 from normcore.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normcore.group_norm import GroupNorm

@@ -149,6 +149,14 @@ def col_param_grads(const floating[:, ::1] x,     # IN  [R, L]
     rows_per_chunk = max(<Py_ssize_t>ROW_CHUNK, (R + 63) // 64)
     nch = (R + rows_per_chunk - 1) // rows_per_chunk
     ncb = (L + COL_BLOCK - 1) // COL_BLOCK
+    if nch == 1:
+        # One chunk: its sums are the result; no buffer (it would outweigh x for few rows).
+        for cb in prange(ncb, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
+            j0 = cb * COL_BLOCK
+            j1 = min(j0 + COL_BLOCK, L)
+            _col_chunk(&x[0, 0], &dy[0, 0], L, 0, R, j0, j1, &center[0], &scale[0], &dweight[0], &dbias[0])
+        return
+    # nch <= R / 64 partial rows of 2 * L doubles: at most 1/16 of x's bytes for float32.
     parts = np.empty((nch, 2, L), dtype=np.float64)
     for t in prange(nch * ncb, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
         ch = t // ncb
