@@ -95,7 +95,7 @@ class BuildExt(build_ext):
             )
             if _truthy("NORMCORE_REQUIRE_OPENMP"):
                 raise RuntimeError(message + " (NORMCORE_REQUIRE_OPENMP is set.)")
-            warnings.warn(message)
+            warnings.warn(message, stacklevel=1)
             print("WARNING: " + message, file=sys.stderr)
             cflags, lflags = [], []
             # The SIMD pragmas of block_sums.h need no runtime: keep them where possible.

@@ -6,7 +6,7 @@ import numpy as np
 from normcore import grouped
 from normcore.channel_norm import ChannelNorm, ForwardRecord, updated_running
 from normcore.threads import get_num_threads
-from normcore.validation import as_float_array, check_vector
+from normcore.validation import as_float_array
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm_forward"]
 

@@ -13,7 +13,7 @@ dy * (x - mean)) -> combine (group sums, weighted by gamma) -> apply
 (dx = a * dy + b * (x - mean) + c). Nothing the size of x is kept or allocated besides the
 output: the backward recomputes from x and the saved O(N*C) statistics.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 

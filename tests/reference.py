@@ -254,3 +254,21 @@ def group_norm_backward(x, dy, num_groups, weight, eps):
     dweight = np.sum(dy * xhat, axis=param_axes)
     dbias = np.sum(dy, axis=param_axes)
     return dx, dweight, dbias
+
+
+# ---------------------------------------------------------------------------
+# Finite differences
+# ---------------------------------------------------------------------------
+
+def numeric_gradient(loss, a, h=1e-6):
+    """Central finite-difference gradient of scalar loss() w.r.t. array a (perturbed in place)."""
+    grad = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + h
+        lp = loss()
+        a[i] = old - h
+        lm = loss()
+        a[i] = old
+        grad[i] = (lp - lm) / (2 * h)
+    return grad

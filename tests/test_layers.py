@@ -217,19 +217,6 @@ def test_eval_without_tracking_uses_batch_statistics():
     assert_close(m(x), ref.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)[0], np.float64)
 
 
-def numeric_gradient(f, a, eps=1e-6):
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + eps
-        fp = f()
-        a[i] = old - eps
-        fm = f()
-        a[i] = old
-        g[i] = (fp - fm) / (2 * eps)
-    return g
-
-
 @pytest.mark.parametrize("make,shape", [
     (lambda: nc.BatchNorm2d(3, dtype=np.float64), (2, 3, 2, 3)),
     (lambda: nc.BatchNorm2d(3, dtype=np.float64).eval(), (2, 3, 2, 3)),
@@ -257,9 +244,9 @@ def test_finite_differences_float64(make, shape):
     loss()
     dx = m.backward(r)
     grads = dict(m.grads)
-    np.testing.assert_allclose(dx, numeric_gradient(loss, x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dx, ref.numeric_gradient(loss, x), rtol=1e-6, atol=1e-7)
     for name, p in m.parameters().items():
-        np.testing.assert_allclose(grads[name], numeric_gradient(loss, p), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(grads[name], ref.numeric_gradient(loss, p), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,24 +7,11 @@ from reference import (
     instance_norm_forward, instance_norm_backward,
     layer_norm_forward, layer_norm_backward,
     group_norm_forward, group_norm_backward,
+    numeric_gradient as _numgrad,
 )
 
 EPS = 1e-5
 TOL = dict(rtol=1e-6, atol=1e-6)
-
-
-def _numgrad(loss, a, h=1e-6):
-    """Central finite-difference gradient of scalar loss() w.r.t. array a (perturbed in place)."""
-    grad = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + h
-        lp = loss()
-        a[i] = old - h
-        lm = loss()
-        a[i] = old
-        grad[i] = (lp - lm) / (2 * h)
-    return grad
 
 
 def _check_fd(fwd, bwd, x_shape, p_shape, affine, seed=0):
