@@ -17,12 +17,14 @@ LAYERS = {
     "instance_norm2d": (lambda C: nc.InstanceNorm2d(C, affine=True), lambda C: torch.nn.InstanceNorm2d(C, affine=True)),
     "group_norm": (lambda C: nc.GroupNorm(8 if C % 8 == 0 else 1, C), lambda C: torch.nn.GroupNorm(8 if C % 8 == 0 else 1, C)),
     "layer_norm": (lambda C: nc.LayerNorm(C), lambda C: torch.nn.LayerNorm(C)),
+    "local_response_norm": (lambda C: nc.LocalResponseNorm(5), lambda C: torch.nn.LocalResponseNorm(5)),
 }
 SHAPES = {
     "batch_norm2d": [(2, 3, 4, 4), (32, 64, 56, 56), (32, 256, 14, 14)],
     "instance_norm2d": [(2, 3, 4, 4), (32, 64, 56, 56), (32, 256, 14, 14)],
     "group_norm": [(2, 8, 4, 4), (32, 64, 56, 56), (32, 256, 14, 14)],
     "layer_norm": [(8192, 768)],
+    "local_response_norm": [(2, 3, 4, 4), (16, 96, 27, 29)],
 }
 CASES = [(layer, shape) for layer in LAYERS for shape in SHAPES[layer]]
 

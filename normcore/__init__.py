@@ -19,6 +19,7 @@ from normcore.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normcore.group_norm import GroupNorm
 from normcore.instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normcore.layer_norm import LayerNorm
+from normcore.local_response_norm import LocalResponseNorm
 from normcore.module import Module
 from normcore.threads import get_num_threads, openmp_enabled, set_num_threads
 
@@ -34,6 +35,7 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "GroupNorm",
+    "LocalResponseNorm",
     "functional",
     "set_num_threads",
     "get_num_threads",

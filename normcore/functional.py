@@ -9,9 +9,10 @@ from normcore.batch_norm import batch_norm_forward, check_values_per_channel
 from normcore.group_norm import check_group_input, group_norm_forward
 from normcore.instance_norm import check_spatial_size, instance_norm_forward
 from normcore.layer_norm import check_layer_input, layer_norm_forward, normalize_shape
+from normcore.local_response_norm import check_lrn_args, check_lrn_input, local_response_norm_forward
 from normcore.validation import as_float_array, check_eps, check_momentum, check_positive_int, check_vector
 
-__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm"]
+__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "local_response_norm"]
 
 
 def _running_buffers(running_mean, running_var, C, needed_for):
@@ -97,4 +98,13 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-05):
     if bias is not None and bias.shape != (x.shape[1],):
         raise ValueError(f"bias should contain {x.shape[1]} elements (one per channel), got shape {bias.shape}")
     y, _ = group_norm_forward(x, num_groups, weight, bias, check_eps(eps))
+    return y
+
+
+def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
+    """Local response normalisation across channels of input (N, C, *); see ``nc.LocalResponseNorm``."""
+    x = as_float_array(input)
+    size, alpha, beta, k = check_lrn_args(size, alpha, beta, k)
+    check_lrn_input(x)
+    y, _ = local_response_norm_forward(x, size, alpha, beta, k)
     return y

@@ -257,6 +257,40 @@ def group_norm_backward(x, dy, num_groups, weight, eps):
 
 
 # ---------------------------------------------------------------------------
+# LocalResponseNorm
+# ---------------------------------------------------------------------------
+
+def _lrn_scale(x, size, alpha, k):
+    """s_c = k + alpha/size * sum of x^2 over channels [c - size//2, c + (size-1)//2] (zero padded)."""
+    C = x.shape[1]
+    sq = x * x
+    S = np.zeros_like(x)
+    for c in range(C):
+        first, last = max(0, c - size // 2), min(C - 1, c + (size - 1) // 2)
+        S[:, c] = sq[:, first:last + 1].sum(axis=1)
+    return k + alpha / size * S
+
+
+def local_response_norm_forward(x, size, alpha, beta, k):
+    x = _f64(x)
+    return x * _lrn_scale(x, size, alpha, k) ** (-beta)
+
+
+def local_response_norm_backward(x, dy, size, alpha, beta, k):
+    """dx_c = dy_c s_c^-beta - 2 alpha beta / size * x_c * sum over the channels c' whose window
+    holds c (c' in [c - (size-1)//2, c + size//2]) of dy_c' x_c' s_c'^(-beta-1)."""
+    x, dy = _f64(x), _f64(dy)
+    C = x.shape[1]
+    s = _lrn_scale(x, size, alpha, k)
+    dx = dy * s ** (-beta)
+    u = dy * x * s ** (-beta - 1)
+    for c in range(C):
+        first, last = max(0, c - (size - 1) // 2), min(C - 1, c + size // 2)
+        dx[:, c] -= 2 * alpha * beta / size * x[:, c] * u[:, first:last + 1].sum(axis=1)
+    return dx
+
+
+# ---------------------------------------------------------------------------
 # Finite differences
 # ---------------------------------------------------------------------------
 

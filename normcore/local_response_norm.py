@@ -1,0 +1,93 @@
+"""LocalResponseNorm: each value divided by a power of the sum of squares of its neighbours
+across channels (a sliding window; see pyx/lrn.pyx for the one-pass kernel)."""
+import math
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+from normcore._kernels.lrn import lrn_backward, lrn_forward
+from normcore.module import Module
+from normcore.threads import get_num_threads
+from normcore.validation import as_float_array, check_grad_output, check_positive_int
+
+__all__ = ["LocalResponseNorm", "local_response_norm_forward", "check_lrn_input"]
+
+
+def _check_real(value, name):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_lrn_args(size, alpha, beta, k):
+    """(size, alpha, beta, k) checked: size a positive int, the others finite reals."""
+    return (check_positive_int(size, "size"), _check_real(alpha, "alpha"), _check_real(beta, "beta"),
+            _check_real(k, "k"))
+
+
+def check_lrn_input(x):
+    """PyTorch's rule: the input has 3 or more dims (N, C, *)."""
+    if x.ndim < 3:
+        raise ValueError(f"Expected 3D or higher dimensionality input (got {x.ndim} dimensions)")
+
+
+class LRNSaved(NamedTuple):
+    x3: np.ndarray  # x as [N, C, P] (a view of x, or its contiguous copy)
+    shape: tuple
+    dtype: np.dtype
+
+
+def local_response_norm_forward(x, size, alpha, beta, k):
+    """y for x (N, C, *) and what backward needs; allocates only y."""
+    N, C = x.shape[:2]
+    if x.size == 0:
+        return np.empty_like(x), LRNSaved(None, x.shape, x.dtype)
+    x3 = np.ascontiguousarray(x).reshape(N, C, -1)
+    y3 = np.empty_like(x3)
+    lrn_forward(x3, y3, size, alpha, beta, k, get_num_threads())
+    return y3.reshape(x.shape), LRNSaved(x3, x.shape, x.dtype)
+
+
+def local_response_norm_backward(dy, saved, size, alpha, beta, k):
+    if saved.x3 is None:
+        return np.zeros(saved.shape, saved.dtype)
+    dy3 = np.ascontiguousarray(dy).reshape(saved.x3.shape)
+    dx3 = np.empty_like(saved.x3)
+    lrn_backward(dy3, saved.x3, dx3, size, alpha, beta, k, get_num_threads())
+    return dx3.reshape(saved.shape)
+
+
+class LocalResponseNorm(Module):
+    """LocalResponseNorm(size, alpha=1e-4, beta=0.75, k=1.0) over x of shape (N, C, *):
+
+        y_c = x_c * (k + alpha / size * sum_{c' = c - size//2}^{c + (size-1)//2} x_{c'}^2) ** -beta
+
+    with zeros beyond the channel edges and the divisor always `size` (as PyTorch).
+    No parameters or buffers: state_dict() is empty.
+    """
+
+    def __init__(self, size, alpha=1e-4, beta=0.75, k=1.0):
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = check_lrn_args(size, alpha, beta, k)
+        self._saved = None
+
+    def __repr__(self):
+        return f"LocalResponseNorm({self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k})"
+
+    def forward(self, x):
+        x = as_float_array(x)
+        check_lrn_input(x)
+        y, saved = local_response_norm_forward(x, self.size, self.alpha, self.beta, self.k)
+        self._saved = saved
+        return y
+
+    def backward(self, dy):
+        """dx for the last forward (recomputed from x; nothing the size of x was kept)."""
+        saved = self._require_forward()
+        dy = check_grad_output(dy, saved.shape, saved.dtype)
+        self.grads = {}
+        return local_response_norm_backward(dy, saved, self.size, self.alpha, self.beta, self.k)
