@@ -14,13 +14,23 @@ except ImportError as _exc:  # pragma: no cover - depends on how normcore was in
         "a built copy elsewhere, which this source folder shadows when Python runs from it)."
     ) from _exc
 
-from normcore import functional
+from normcore import functional, toolkit
 from normcore.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normcore.group_norm import GroupNorm
 from normcore.instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from normcore.layer_norm import LayerNorm
 from normcore.local_response_norm import LocalResponseNorm
 from normcore.module import Module
+from normcore.registry import (
+    DuplicateNormError,
+    PluginLoadError,
+    RegistryError,
+    UnknownNormError,
+    create_norm,
+    get_norm,
+    list_norms,
+    register_norm,
+)
 from normcore.threads import get_num_threads, openmp_enabled, set_num_threads
 
 __version__ = "0.1.0"
@@ -37,7 +47,25 @@ __all__ = [
     "GroupNorm",
     "LocalResponseNorm",
     "functional",
+    "toolkit",
+    "register_norm",
+    "get_norm",
+    "create_norm",
+    "list_norms",
+    "RegistryError",
+    "UnknownNormError",
+    "DuplicateNormError",
+    "PluginLoadError",
     "set_num_threads",
     "get_num_threads",
     "openmp_enabled",
 ]
+
+
+def __getattr__(name):
+    # normcore.plugins is imported on first use: its plugins import normcore themselves.
+    if name == "plugins":
+        import importlib
+
+        return importlib.import_module("normcore.plugins")
+    raise AttributeError(f"module 'normcore' has no attribute {name!r}")

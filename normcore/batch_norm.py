@@ -5,6 +5,7 @@ import numpy as np
 
 from normcore import grouped
 from normcore.channel_norm import ChannelNorm, ForwardRecord, updated_running
+from normcore.registry import register_norm
 from normcore.threads import get_num_threads
 from normcore.validation import as_float_array
 
@@ -88,18 +89,21 @@ class _BatchNorm(ChannelNorm):
         return y
 
 
+@register_norm("batch_norm1d")
 class BatchNorm1d(_BatchNorm):
     """BatchNorm over (N, C) or (N, C, L) input."""
 
     _dims = (2, 3)
 
 
+@register_norm("batch_norm2d")
 class BatchNorm2d(_BatchNorm):
     """BatchNorm over (N, C, H, W) input."""
 
     _dims = (4,)
 
 
+@register_norm("batch_norm3d")
 class BatchNorm3d(_BatchNorm):
     """BatchNorm over (N, C, D, H, W) input."""
 

@@ -6,6 +6,7 @@ import numpy as np
 from normcore import grouped
 from normcore.channel_norm import ForwardRecord, backward_saved
 from normcore.module import Module
+from normcore.registry import register_norm
 from normcore.threads import get_num_threads
 from normcore.validation import (
     as_float_array,
@@ -45,6 +46,7 @@ def group_norm_forward(x, num_groups, weight, bias, eps):
     return y, ForwardRecord(saved, x.shape, x.dtype, C)
 
 
+@register_norm("group_norm")
 class GroupNorm(Module):
     """GroupNorm(num_groups, num_channels): x (N, C, *) normalised per (n, group)."""
 

@@ -6,6 +6,7 @@ import numpy as np
 
 from normcore import grouped
 from normcore.channel_norm import ChannelNorm, ForwardRecord, updated_running
+from normcore.registry import register_norm
 from normcore.threads import get_num_threads
 from normcore.validation import as_float_array
 
@@ -92,18 +93,21 @@ class _InstanceNorm(ChannelNorm):
         return y.reshape(x.shape)
 
 
+@register_norm("instance_norm1d")
 class InstanceNorm1d(_InstanceNorm):
     """InstanceNorm over (N, C, L) or (C, L) input."""
 
     _no_batch_dim = 2
 
 
+@register_norm("instance_norm2d")
 class InstanceNorm2d(_InstanceNorm):
     """InstanceNorm over (N, C, H, W) or (C, H, W) input."""
 
     _no_batch_dim = 3
 
 
+@register_norm("instance_norm3d")
 class InstanceNorm3d(_InstanceNorm):
     """InstanceNorm over (N, C, D, H, W) or (C, D, H, W) input."""
 

@@ -16,6 +16,7 @@ from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
 from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
 from normcore._kernels.moments import row_moments
 from normcore.module import Module
+from normcore.registry import register_norm
 from normcore.threads import get_num_threads
 from normcore.validation import as_float_array, check_bool, check_dtype_arg, check_eps, check_grad_output
 
@@ -116,6 +117,7 @@ def layer_norm_backward(dy, saved):
     return dx2.reshape(saved.shape), dweight, dbias
 
 
+@register_norm("layer_norm")
 class LayerNorm(Module):
     """LayerNorm(normalized_shape): x (*, *normalized_shape) normalised over the trailing dims."""
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from normcore._kernels.lrn import lrn_backward, lrn_forward
 from normcore.module import Module
+from normcore.registry import register_norm
 from normcore.threads import get_num_threads
 from normcore.validation import as_float_array, check_grad_output, check_positive_int
 
@@ -61,6 +62,7 @@ def local_response_norm_backward(dy, saved, size, alpha, beta, k):
     return dx3.reshape(saved.shape)
 
 
+@register_norm("local_response_norm")
 class LocalResponseNorm(Module):
     """LocalResponseNorm(size, alpha=1e-4, beta=0.75, k=1.0) over x of shape (N, C, *):
 

@@ -1,0 +1,139 @@
+"""The public toolkit for writing normalization methods outside normcore (stable API).
+
+These are the kernels behind the built-in layers, with checked arguments. A method built on
+them computes its statistics and applies its affine maps at C speed (OpenMP threads, float64
+accumulation, bitwise identical for any thread count) and writes only its combine step, on
+tiny (N, C) arrays, in NumPy.
+
+Data arrays are (N, C, *) float32 or float64 of any layout (non-contiguous ones are copied);
+a *row* is one (n, c) slice of L = prod(*) values. Per-row coefficients are float64-convertible
+arrays of shape (N, C) (one per row), (C,) (one per channel) or scalars.
+
+    mean, m2 = row_moments(x)                       # (N, C) each; var = m2 / L
+    y = apply_rows(x, center, scale, shift)         # (x - center) * scale + shift, per row
+    s_dy, s_dyxc = row_grad_sums(x, dy, center)     # sum(dy), sum(dy * (x - center)) per row
+    dx = apply_rows_backward(dy, x, a, center, b, c)  # a * dy + b * (x - center) + c, per row
+
+Input checks the built-ins use: as_float_array(x) (float32/float64 or TypeError) and
+check_grad_output(dy, shape, dtype) (dy of backward: the forward input's shape, cast to its dtype).
+"""
+import math
+
+import numpy as np
+
+from normcore._kernels.apply_rows import apply_rows as _apply_rows
+from normcore._kernels.apply_rows import apply_rows_backward as _apply_rows_backward
+from normcore._kernels.grad_sums import row_grad_sums as _row_grad_sums
+from normcore._kernels.moments import row_moments as _row_moments
+from normcore.threads import get_num_threads
+from normcore.validation import as_float_array, check_grad_output
+
+__all__ = ["as_float_array", "check_grad_output", "as_rows", "row_moments", "row_grad_sums", "apply_rows",
+           "apply_rows_backward"]
+
+
+def as_rows(x, name="x"):
+    """x (N, C, *) as a C-contiguous [N*C, L] float array (a view when x is C-contiguous), and (N, C, L)."""
+    x = as_float_array(x, name)
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (N, C, *), got {x.ndim}")
+    N, C = x.shape[:2]
+    L = math.prod(x.shape[2:])
+    return np.ascontiguousarray(x).reshape(N * C, L), (N, C, L)
+
+
+def _coefficients(values, N, C, name):
+    """Per-row coefficients as (float64 array, period): (C,) -> period C, (N, C) -> N*C."""
+    a = np.asarray(values, dtype=np.float64)
+    if a.ndim == 0:
+        return np.full(C, float(a)), C
+    if a.shape == (C,):
+        return np.ascontiguousarray(a), C
+    if a.shape == (N, C):
+        return np.ascontiguousarray(a).reshape(N * C), N * C
+    raise ValueError(f"{name} must be a scalar or have shape ({C},) or ({N}, {C}), got {a.shape}")
+
+
+def _same_period(N, C, *pairs):
+    """Bring coefficient arrays to one period (per-channel ones expanded when others are per row)."""
+    period = max(p for _, p in pairs)
+    return [a if p == period else np.tile(a, N) for a, p in pairs], period
+
+
+def row_moments(x):
+    """Per-row mean and M2 = sum((x - mean)^2) of x (N, C, *), float64 arrays of shape (N, C).
+
+    The count of every row is L = prod(x.shape[2:]) (>= 1): the biased variance is m2 / L,
+    the unbiased one m2 / (L - 1)."""
+    x2, (N, C, L) = as_rows(x)
+    if L == 0 and N * C:
+        raise ValueError("row_moments needs rows of at least one value (x.shape[2:] holds a 0)")
+    mean = np.empty(N * C)
+    m2 = np.empty(N * C)
+    _row_moments(x2, mean, m2, get_num_threads())
+    return mean.reshape(N, C), m2.reshape(N, C)
+
+
+def row_grad_sums(x, dy, center):
+    """Per-row sum(dy) and sum(dy * (x - center)), float64 arrays of shape (N, C).
+
+    Centering on the statistics' mean (the row mean, or the mean the forward used) keeps the
+    second sum accurate when |mean| >> std."""
+    shape = np.shape(x)
+    x2, (N, C, L) = as_rows(x)
+    dy = as_float_array(dy, "dy")
+    if dy.shape != shape:
+        raise ValueError(f"dy must have the shape of x {shape}, got {dy.shape}")
+    dy2 = np.ascontiguousarray(dy, dtype=x2.dtype).reshape(x2.shape)
+    ctr, period = _coefficients(center, N, C, "center")
+    s_dy = np.empty(N * C)
+    s_dyxc = np.empty(N * C)
+    if N * C and L:
+        _row_grad_sums(x2, dy2, ctr, period, s_dy, s_dyxc, get_num_threads())
+    else:
+        s_dy[:] = 0.0
+        s_dyxc[:] = 0.0
+    return s_dy.reshape(N, C), s_dyxc.reshape(N, C)
+
+
+def apply_rows(x, center, scale, shift, out=None):
+    """y = (x - center) * scale + shift, coefficients per row; y has x's shape and dtype.
+
+    Computed in x's dtype with the center split in two parts of that type, so a row equal to
+    its center maps exactly to its shift. `out` may be given (x's shape and dtype, C-contiguous;
+    it may be x itself)."""
+    x2, (N, C, L) = as_rows(x)
+    shape = np.shape(x)
+    (c, s, b), period = _same_period(N, C, _coefficients(center, N, C, "center"),
+                                     _coefficients(scale, N, C, "scale"), _coefficients(shift, N, C, "shift"))
+    y2 = _output(out, shape, x2)
+    if N * C:
+        _apply_rows(x2, y2, c, s, b, period, get_num_threads())
+    return y2.reshape(shape)
+
+
+def apply_rows_backward(dy, x, a, center, b, c, out=None):
+    """dx = a * dy + b * (x - center) + c, coefficients per row, computed in float64 and
+    rounded once to x's dtype (the form of every normalization's input gradient)."""
+    x2, (N, C, L) = as_rows(x)
+    shape = np.shape(x)
+    dy = as_float_array(dy, "dy")
+    if dy.shape != shape:
+        raise ValueError(f"dy must have the shape of x {shape}, got {dy.shape}")
+    dy2 = np.ascontiguousarray(dy, dtype=x2.dtype).reshape(x2.shape)
+    (a_, ctr, b_, c_), period = _same_period(
+        N, C, _coefficients(a, N, C, "a"), _coefficients(center, N, C, "center"),
+        _coefficients(b, N, C, "b"), _coefficients(c, N, C, "c"))
+    dx2 = _output(out, shape, x2)
+    if N * C:
+        _apply_rows_backward(dy2, x2, dx2, ctr, a_, b_, c_, period, get_num_threads())
+    return dx2.reshape(shape)
+
+
+def _output(out, shape, x2):
+    if out is None:
+        return np.empty_like(x2)
+    if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != x2.dtype \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writeable C-contiguous {x2.dtype} array of shape {shape}")
+    return out.reshape(x2.shape)

@@ -1,0 +1,308 @@
+"""SwitchableNorm (Luo et al., 2018): a learned mix of InstanceNorm, LayerNorm and BatchNorm
+statistics. Built only on normcore's public toolkit (``nc.toolkit``, ``nc.Module``,
+``nc.register_norm``), as a third-party plugin would be.
+
+The algorithm is that of the paper's released code, so its checkpoints give the same outputs.
+For x (N, C, *) viewed as rows (n, c) of L values:
+
+    mean_in, var_in      per row (var_in unbiased, as the released code)
+    mean_ln, var_ln      over the channels of a sample:  mean_c(mean_in),
+                         mean_c(var_in + mean_in^2) - mean_ln^2
+    mean_bn, var_bn      over the batch for a channel:   mean_n(mean_in),
+                         mean_n(var_in + mean_in^2) - mean_bn^2   (training; the running
+                         buffers in eval, while IN and LN still come from the input)
+    mean = sum_i softmax(mean_weight)_i mean_i,  var = sum_i softmax(var_weight)_i var_i
+    y = (x - mean) / sqrt(var + eps) * weight + bias
+
+One toolkit pass gives the per-row moments, which merge into the LN and BN ones; var_ln and
+var_bn are evaluated as mean(var_in) + mean((mean_in - mean_group)^2), equal to the released
+formula but without its cancellation when |mean| >> std. One toolkit pass applies. Backward:
+one pass of per-row gradient sums, the chain rule through every statistic (the BN statistics are
+not detached) and the softmax on (N, C) arrays, and one apply pass.
+
+SwitchableNorm1d takes (N, C): LN over C and BN over N, unbiased variances, weights (LN, BN).
+"""
+import numpy as np
+
+import normcore as nc
+from normcore import toolkit
+
+__all__ = ["SwitchableNorm1d", "SwitchableNorm2d", "SwitchableNorm3d"]
+
+
+def _softmax(w):
+    e = np.exp(w - np.max(w))
+    return e / e.sum()
+
+
+def _softmax_backward(p, grad_p):
+    """Gradient w.r.t. the logits of softmax outputs p, given the gradient w.r.t. p."""
+    return p * (grad_p - np.dot(p, grad_p))
+
+
+def _check_flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+class _SwitchableNorm(nc.Module):
+    _parameter_names = ("weight", "bias", "mean_weight", "var_weight")
+    _buffer_names = ("running_mean", "running_var")
+    _ndim = 4
+    _default_momentum = 0.9
+
+    def __init__(self, num_features, eps=1e-5, momentum=None, using_moving_average=True, using_bn=True,
+                 last_gamma=False, population_variance=False, dtype=np.float32):
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
+            raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be a positive int, got {num_features}")
+        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0):
+            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        momentum = self._default_momentum if momentum is None else momentum
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum (the fraction of the running statistics kept) must be in [0, 1], "
+                             f"got {momentum!r}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = float(momentum)
+        self.using_moving_average = _check_flag(using_moving_average, "using_moving_average")
+        self.using_bn = _check_flag(using_bn, "using_bn")
+        self.last_gamma = _check_flag(last_gamma, "last_gamma")
+        self.population_variance = _check_flag(population_variance, "population_variance")
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+        C = self.num_features
+        self.weight = (np.zeros if self.last_gamma else np.ones)(C, self.dtype)
+        self.bias = np.zeros(C, self.dtype)
+        n_sources = len(self._sources())
+        self.mean_weight = np.ones(n_sources, self.dtype)
+        self.var_weight = np.ones(n_sources, self.dtype)
+        if self.using_bn:
+            self.running_mean = np.zeros(C, self.dtype)
+            self.running_var = np.zeros(C, self.dtype)
+        else:
+            self.running_mean = self.running_var = None
+        self._saved = None
+
+    def _sources(self):
+        return ("in", "ln", "bn") if self.using_bn else ("in", "ln")
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"using_moving_average={self.using_moving_average}, using_bn={self.using_bn}, "
+                f"last_gamma={self.last_gamma})")
+
+    def load_state_dict(self, state_dict):
+        """Also accepts the released code's shapes: (1, C, 1, 1), (1, C, 1), (1, C) for C values."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
+        fixed = {}
+        for key, value in state_dict.items():
+            if hasattr(value, "detach") and hasattr(value, "numpy"):
+                value = value.detach().cpu().numpy()
+            current = getattr(self, key, None) if key in self._state_names() else None
+            arr = np.asarray(value) if current is not None else value
+            if current is not None and arr.shape != current.shape and arr.size == current.size \
+                    and arr.ndim >= 1 and sum(d != 1 for d in arr.shape) <= 1:
+                arr = arr.reshape(current.shape)
+            fixed[key] = arr
+        super().load_state_dict(fixed)
+
+    # -- statistics --------------------------------------------------------------------------
+    def _var(self, m2, count):
+        if self.population_variance:
+            return m2 / count
+        return m2 / (count - 1)
+
+    def _check_input(self, x):
+        x = toolkit.as_float_array(x)
+        if x.ndim != self._ndim:
+            raise ValueError(f"expected {self._ndim}D input (got {x.ndim}D input)")
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected input with {self.num_features} channels at dim 1, got {x.shape[1]} "
+                             f"(input shape {x.shape})")
+        return x
+
+    def forward(self, x):
+        x = self._check_input(x)
+        N, C = x.shape[:2]
+        L = x.size // (N * C) if N * C else 0
+        if not self.population_variance and L < 2:
+            raise ValueError(f"Expected more than 1 spatial element per channel (unbiased variance), "
+                             f"got input size {x.shape}")
+        if self.training and self.using_bn and N < 1:
+            raise ValueError(f"Expected at least one sample when training, got input size {x.shape}")
+        mean_in, m2 = toolkit.row_moments(x)
+        var_in = self._var(m2, L)
+        mean_ln = mean_in.mean(axis=1, keepdims=True)
+        var_ln = var_in.mean(axis=1, keepdims=True) + ((mean_in - mean_ln) ** 2).mean(axis=1, keepdims=True)
+        means = [mean_in, mean_ln]
+        variances = [var_in, var_ln]
+        bn_from_batch = False
+        new_running = None
+        if self.using_bn:
+            if self.training:
+                bn_from_batch = True
+                mean_bn = mean_in.mean(axis=0, keepdims=True)
+                var_bn = var_in.mean(axis=0, keepdims=True) + ((mean_in - mean_bn) ** 2).mean(axis=0, keepdims=True)
+                if self.using_moving_average:
+                    m = self.momentum
+                    new_running = (m * self.running_mean + (1 - m) * mean_bn[0],
+                                   m * self.running_var + (1 - m) * var_bn[0])
+                else:
+                    new_running = (self.running_mean + mean_bn[0], self.running_var + mean_bn[0] ** 2 + var_bn[0])
+            else:
+                mean_bn = self.running_mean.astype(np.float64)[None, :]
+                var_bn = self.running_var.astype(np.float64)[None, :]
+            means.append(mean_bn)
+            variances.append(var_bn)
+        mw = _softmax(self.mean_weight.astype(np.float64))
+        vw = _softmax(self.var_weight.astype(np.float64))
+        mean = sum(w * s for w, s in zip(mw, means))
+        var = sum(w * s for w, s in zip(vw, variances))
+        rstd = 1.0 / np.sqrt(var + self.eps)
+        gamma = self.weight.astype(np.float64)
+        y = toolkit.apply_rows(x, mean, rstd * gamma, self.bias.astype(np.float64))
+        if new_running is not None:
+            self.running_mean[...] = new_running[0]
+            self.running_var[...] = new_running[1]
+        self._saved = dict(x=x, mean_in=mean_in, means=means, variances=variances, mean=mean, rstd=rstd,
+                           mw=mw, vw=vw, gamma=gamma, L=L, bn_from_batch=bn_from_batch)
+        return y
+
+    def backward(self, dy):
+        s = self._saved
+        if s is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
+        x = s["x"]
+        dy = toolkit.check_grad_output(dy, x.shape, x.dtype)
+        N, C = x.shape[:2]
+        L = s["L"]
+        mean_in, mean, rstd, gamma = s["mean_in"], s["mean"], s["rstd"], s["gamma"]
+        s1, s2c = toolkit.row_grad_sums(x, dy, mean_in)
+        s2 = s2c + (mean_in - mean) * s1                     # sum dy * (x - mean)
+        d_mean = -gamma * rstd * s1                           # dL/dmean, per row
+        d_var = -0.5 * gamma * rstd ** 3 * s2                 # dL/dvar, per row
+        grads = {"weight": (rstd * s2).sum(axis=0), "bias": s1.sum(axis=0)}
+        mw, vw = s["mw"], s["vw"]
+        grads["mean_weight"] = _softmax_backward(mw, np.array([np.sum(d_mean * m) for m in s["means"]]))
+        grads["var_weight"] = _softmax_backward(vw, np.array([np.sum(d_var * v) for v in s["variances"]]))
+        # Through the statistics to the per-row moments (mean_in, var_in).
+        mean_ln = s["means"][1]
+        d_mean_ln = mw[1] * d_mean.sum(axis=1, keepdims=True)
+        d_var_ln = vw[1] * d_var.sum(axis=1, keepdims=True)
+        d_mean_in = mw[0] * d_mean + d_mean_ln / C + d_var_ln * 2.0 * (mean_in - mean_ln) / C
+        d_var_in = vw[0] * d_var + d_var_ln / C
+        if s["bn_from_batch"]:
+            mean_bn = s["means"][2]
+            d_mean_bn = mw[2] * d_mean.sum(axis=0, keepdims=True)
+            d_var_bn = vw[2] * d_var.sum(axis=0, keepdims=True)
+            d_mean_in = d_mean_in + d_mean_bn / N + d_var_bn * 2.0 * (mean_in - mean_bn) / N
+            d_var_in = d_var_in + d_var_bn / N
+        count = L if self.population_variance else L - 1
+        dx = toolkit.apply_rows_backward(dy, x, gamma * rstd, mean_in, 2.0 * d_var_in / count, d_mean_in / L)
+        self.grads = {k: np.asarray(v, dtype=self.dtype) for k, v in grads.items()}
+        return dx
+
+
+@nc.register_norm("switchable_norm2d")
+class SwitchableNorm2d(_SwitchableNorm):
+    """SwitchableNorm over (N, C, H, W); momentum (the fraction kept) defaults to 0.9."""
+
+    _ndim = 4
+    _default_momentum = 0.9
+
+
+@nc.register_norm("switchable_norm3d")
+class SwitchableNorm3d(_SwitchableNorm):
+    """SwitchableNorm over (N, C, D, H, W); momentum defaults to 0.997."""
+
+    _ndim = 5
+    _default_momentum = 0.997
+
+
+@nc.register_norm("switchable_norm1d")
+class SwitchableNorm1d(_SwitchableNorm):
+    """SwitchableNorm over (N, C): LN statistics over C, BN over N, both with the unbiased
+    variance (as the released code); weights (LN, BN), or LN alone without BN. momentum
+    defaults to 0.997."""
+
+    _ndim = 2
+    _default_momentum = 0.997
+
+    def _sources(self):
+        return ("ln", "bn") if self.using_bn else ("ln",)
+
+    def forward(self, x):
+        x = self._check_input(x)
+        N, C = x.shape
+        need = 1 if self.population_variance else 2
+        if C < need or (self.using_bn and self.training and N < need):
+            raise ValueError(f"Expected more than 1 value per sample and per channel (unbiased variance), "
+                             f"got input size {x.shape}")
+        # LN: the rows of x; BN: the rows of x transposed (one toolkit pass each).
+        mean_ln, m2_ln = toolkit.row_moments(x[:, None, :])            # (N, 1)
+        means, variances = [mean_ln], [self._var(m2_ln, C)]
+        bn_from_batch = False
+        new_running = None
+        if self.using_bn:
+            if self.training:
+                bn_from_batch = True
+                mean_bn, m2_bn = toolkit.row_moments(x.T[None])        # (1, C)
+                var_bn = self._var(m2_bn, N)
+                if self.using_moving_average:
+                    m = self.momentum
+                    new_running = (m * self.running_mean + (1 - m) * mean_bn[0],
+                                   m * self.running_var + (1 - m) * var_bn[0])
+                else:
+                    new_running = (self.running_mean + mean_bn[0], self.running_var + mean_bn[0] ** 2 + var_bn[0])
+            else:
+                mean_bn = self.running_mean.astype(np.float64)[None, :]
+                var_bn = self.running_var.astype(np.float64)[None, :]
+            means.append(mean_bn)
+            variances.append(var_bn)
+        mw = _softmax(self.mean_weight.astype(np.float64))
+        vw = _softmax(self.var_weight.astype(np.float64))
+        mean = sum(w * s for w, s in zip(mw, means)) + np.zeros((N, C))
+        var = sum(w * s for w, s in zip(vw, variances)) + np.zeros((N, C))
+        rstd = 1.0 / np.sqrt(var + self.eps)
+        gamma = self.weight.astype(np.float64)
+        y = toolkit.apply_rows(x[:, :, None], mean, rstd * gamma, self.bias.astype(np.float64))[:, :, 0]
+        if new_running is not None:
+            self.running_mean[...] = new_running[0]
+            self.running_var[...] = new_running[1]
+        self._saved = dict(x=x, means=means, variances=variances, mean=mean, rstd=rstd, mw=mw, vw=vw,
+                           gamma=gamma, bn_from_batch=bn_from_batch)
+        return y
+
+    def backward(self, dy):
+        s = self._saved
+        if s is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
+        x = s["x"]
+        dy = toolkit.check_grad_output(dy, x.shape, x.dtype)
+        N, C = x.shape
+        xd, g = x.astype(np.float64), dy.astype(np.float64)
+        mean, rstd, gamma, mw, vw = s["mean"], s["rstd"], s["gamma"], s["mw"], s["vw"]
+        centered = xd - mean
+        d_mean = -gamma * rstd * g
+        d_var = -0.5 * gamma * rstd ** 3 * g * centered
+        grads = {"weight": (g * centered * rstd).sum(axis=0), "bias": g.sum(axis=0)}
+        grads["mean_weight"] = _softmax_backward(mw, np.array([np.sum(d_mean * m) for m in s["means"]]))
+        grads["var_weight"] = _softmax_backward(vw, np.array([np.sum(d_var * v) for v in s["variances"]]))
+        n_ln = C if self.population_variance else C - 1
+        mean_ln = s["means"][0]
+        dx = gamma * rstd * g
+        dx += mw[0] * d_mean.sum(axis=1, keepdims=True) / C
+        dx += vw[0] * d_var.sum(axis=1, keepdims=True) * 2.0 * (xd - mean_ln) / n_ln
+        if s["bn_from_batch"]:
+            n_bn = N if self.population_variance else N - 1
+            mean_bn = s["means"][1]
+            dx += mw[1] * d_mean.sum(axis=0, keepdims=True) / N
+            dx += vw[1] * d_var.sum(axis=0, keepdims=True) * 2.0 * (xd - mean_bn) / n_bn
+        self.grads = {k: np.asarray(v, dtype=self.dtype) for k, v in grads.items()}
+        return dx.astype(x.dtype)
