@@ -189,3 +189,16 @@ def test_example_plugin_installs_with_pip_and_is_created_by_name(tmp_path, monke
     for name, p in m.parameters().items():
         np.testing.assert_allclose(grads[name], ref.numeric_gradient(loss, p), rtol=1e-6, atol=1e-8)
     monkeypatch.delitem(sys.modules, "normcore_frn", raising=False)
+
+
+def test_readme_registration_example_runs():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Registering your own norm", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    m = nc.create_norm("mean-only-norm")
+    x = np.random.default_rng(1).normal(size=(2, 3, 4, 4))
+    assert np.abs(m(x).mean(axis=(2, 3))).max() < 1e-12
+    dy = np.random.default_rng(2).normal(size=x.shape)
+    np.testing.assert_allclose(m.backward(dy), dy - dy.mean(axis=(2, 3), keepdims=True), atol=1e-12)
