@@ -1,7 +1,5 @@
 """LocalResponseNorm: each value divided by a power of the sum of squares of its neighbours
 across channels (a sliding window; see pyx/lrn.pyx for the one-pass kernel)."""
-import math
-import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -10,24 +8,15 @@ from normcore._kernels.lrn import lrn_backward, lrn_forward
 from normcore.module import Module
 from normcore.registry import register_norm
 from normcore.threads import get_num_threads
-from normcore.validation import as_float_array, check_grad_output, check_positive_int
+from normcore.validation import as_float_array, check_finite_real, check_grad_output, check_positive_int
 
 __all__ = ["LocalResponseNorm", "local_response_norm_forward", "check_lrn_input"]
 
 
-def _check_real(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
 def check_lrn_args(size, alpha, beta, k):
     """(size, alpha, beta, k) checked: size a positive int, the others finite reals."""
-    return (check_positive_int(size, "size"), _check_real(alpha, "alpha"), _check_real(beta, "beta"),
-            _check_real(k, "k"))
+    return (check_positive_int(size, "size"), check_finite_real(alpha, "alpha"), check_finite_real(beta, "beta"),
+            check_finite_real(k, "k"))
 
 
 def check_lrn_input(x):

@@ -57,15 +57,18 @@ def check_eps(eps):
     return eps
 
 
+def check_finite_real(value, name):
+    """A finite real number as a float (TypeError for other types, ValueError for inf / NaN)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def check_momentum(momentum):
-    if momentum is None:
-        return None
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a real number or None, got {type(momentum).__name__}")
-    momentum = float(momentum)
-    if not math.isfinite(momentum):
-        raise ValueError(f"momentum must be finite, got {momentum}")
-    return momentum
+    return None if momentum is None else check_finite_real(momentum, "momentum")
 
 
 def check_bool(value, name):

@@ -113,6 +113,20 @@ class _SwitchableNorm(nc.Module):
         super().load_state_dict(fixed)
 
     # -- statistics --------------------------------------------------------------------------
+    def _updated_running(self, mean_bn, var_bn):
+        """New (running_mean, running_var) after a training step (not yet written)."""
+        if self.using_moving_average:
+            m = self.momentum
+            return m * self.running_mean + (1 - m) * mean_bn, m * self.running_var + (1 - m) * var_bn
+        return self.running_mean + mean_bn, self.running_var + mean_bn ** 2 + var_bn
+
+    def _running_stats(self):
+        """The BN statistics in eval: the running buffers, as (1, C) float64."""
+        return self.running_mean.astype(np.float64)[None, :], self.running_var.astype(np.float64)[None, :]
+
+    def _mixing_weights(self):
+        return _softmax(self.mean_weight.astype(np.float64)), _softmax(self.var_weight.astype(np.float64))
+
     def _var(self, m2, count):
         if self.population_variance:
             return m2 / count
@@ -149,19 +163,12 @@ class _SwitchableNorm(nc.Module):
                 bn_from_batch = True
                 mean_bn = mean_in.mean(axis=0, keepdims=True)
                 var_bn = var_in.mean(axis=0, keepdims=True) + ((mean_in - mean_bn) ** 2).mean(axis=0, keepdims=True)
-                if self.using_moving_average:
-                    m = self.momentum
-                    new_running = (m * self.running_mean + (1 - m) * mean_bn[0],
-                                   m * self.running_var + (1 - m) * var_bn[0])
-                else:
-                    new_running = (self.running_mean + mean_bn[0], self.running_var + mean_bn[0] ** 2 + var_bn[0])
+                new_running = self._updated_running(mean_bn[0], var_bn[0])
             else:
-                mean_bn = self.running_mean.astype(np.float64)[None, :]
-                var_bn = self.running_var.astype(np.float64)[None, :]
+                mean_bn, var_bn = self._running_stats()
             means.append(mean_bn)
             variances.append(var_bn)
-        mw = _softmax(self.mean_weight.astype(np.float64))
-        vw = _softmax(self.var_weight.astype(np.float64))
+        mw, vw = self._mixing_weights()
         mean = sum(w * s for w, s in zip(mw, means))
         var = sum(w * s for w, s in zip(vw, variances))
         rstd = 1.0 / np.sqrt(var + self.eps)
@@ -254,19 +261,12 @@ class SwitchableNorm1d(_SwitchableNorm):
                 bn_from_batch = True
                 mean_bn, m2_bn = toolkit.row_moments(x.T[None])        # (1, C)
                 var_bn = self._var(m2_bn, N)
-                if self.using_moving_average:
-                    m = self.momentum
-                    new_running = (m * self.running_mean + (1 - m) * mean_bn[0],
-                                   m * self.running_var + (1 - m) * var_bn[0])
-                else:
-                    new_running = (self.running_mean + mean_bn[0], self.running_var + mean_bn[0] ** 2 + var_bn[0])
+                new_running = self._updated_running(mean_bn[0], var_bn[0])
             else:
-                mean_bn = self.running_mean.astype(np.float64)[None, :]
-                var_bn = self.running_var.astype(np.float64)[None, :]
+                mean_bn, var_bn = self._running_stats()
             means.append(mean_bn)
             variances.append(var_bn)
-        mw = _softmax(self.mean_weight.astype(np.float64))
-        vw = _softmax(self.var_weight.astype(np.float64))
+        mw, vw = self._mixing_weights()
         mean = sum(w * s for w, s in zip(mw, means)) + np.zeros((N, C))
         var = sum(w * s for w, s in zip(vw, variances)) + np.zeros((N, C))
         rstd = 1.0 / np.sqrt(var + self.eps)
