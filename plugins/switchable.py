@@ -124,8 +124,32 @@ class _SwitchableNorm(nc.Module):
         """The BN statistics in eval: the running buffers, as (1, C) float64."""
         return self.running_mean.astype(np.float64)[None, :], self.running_var.astype(np.float64)[None, :]
 
-    def _mixing_weights(self):
-        return _softmax(self.mean_weight.astype(np.float64)), _softmax(self.var_weight.astype(np.float64))
+    def _mix(self, means, variances, shape):
+        """Softmax weights, the mixed mean, 1/sqrt(mixed var + eps) (both of `shape`), gamma."""
+        mw = _softmax(self.mean_weight.astype(np.float64))
+        vw = _softmax(self.var_weight.astype(np.float64))
+        mean = np.broadcast_to(sum(w * m for w, m in zip(mw, means)), shape)
+        var = np.broadcast_to(sum(w * v for w, v in zip(vw, variances)), shape)
+        return mw, vw, mean, 1.0 / np.sqrt(var + self.eps), self.weight.astype(np.float64)
+
+    def _commit_running(self, new_running):
+        if new_running is not None:
+            self.running_mean[...] = new_running[0]
+            self.running_var[...] = new_running[1]
+
+    def _saved_forward(self, dy):
+        """(saved forward, x, dy checked against x) for backward."""
+        s = self._saved
+        if s is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
+        x = s["x"]
+        return s, x, toolkit.check_grad_output(dy, x.shape, x.dtype)
+
+    @staticmethod
+    def _mixing_grads(grads, s, d_mean, d_var):
+        """Gradients of mean_weight and var_weight through the softmax, into grads."""
+        grads["mean_weight"] = _softmax_backward(s["mw"], np.array([np.sum(d_mean * m) for m in s["means"]]))
+        grads["var_weight"] = _softmax_backward(s["vw"], np.array([np.sum(d_var * v) for v in s["variances"]]))
 
     def _var(self, m2, count):
         if self.population_variance:
@@ -168,25 +192,15 @@ class _SwitchableNorm(nc.Module):
                 mean_bn, var_bn = self._running_stats()
             means.append(mean_bn)
             variances.append(var_bn)
-        mw, vw = self._mixing_weights()
-        mean = sum(w * s for w, s in zip(mw, means))
-        var = sum(w * s for w, s in zip(vw, variances))
-        rstd = 1.0 / np.sqrt(var + self.eps)
-        gamma = self.weight.astype(np.float64)
+        mw, vw, mean, rstd, gamma = self._mix(means, variances, (N, C))
         y = toolkit.apply_rows(x, mean, rstd * gamma, self.bias.astype(np.float64))
-        if new_running is not None:
-            self.running_mean[...] = new_running[0]
-            self.running_var[...] = new_running[1]
+        self._commit_running(new_running)
         self._saved = dict(x=x, mean_in=mean_in, means=means, variances=variances, mean=mean, rstd=rstd,
                            mw=mw, vw=vw, gamma=gamma, L=L, bn_from_batch=bn_from_batch)
         return y
 
     def backward(self, dy):
-        s = self._saved
-        if s is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
-        x = s["x"]
-        dy = toolkit.check_grad_output(dy, x.shape, x.dtype)
+        s, x, dy = self._saved_forward(dy)
         N, C = x.shape[:2]
         L = s["L"]
         mean_in, mean, rstd, gamma = s["mean_in"], s["mean"], s["rstd"], s["gamma"]
@@ -196,8 +210,7 @@ class _SwitchableNorm(nc.Module):
         d_var = -0.5 * gamma * rstd ** 3 * s2                 # dL/dvar, per row
         grads = {"weight": (rstd * s2).sum(axis=0), "bias": s1.sum(axis=0)}
         mw, vw = s["mw"], s["vw"]
-        grads["mean_weight"] = _softmax_backward(mw, np.array([np.sum(d_mean * m) for m in s["means"]]))
-        grads["var_weight"] = _softmax_backward(vw, np.array([np.sum(d_var * v) for v in s["variances"]]))
+        self._mixing_grads(grads, s, d_mean, d_var)
         # Through the statistics to the per-row moments (mean_in, var_in).
         mean_ln = s["means"][1]
         d_mean_ln = mw[1] * d_mean.sum(axis=1, keepdims=True)
@@ -266,25 +279,15 @@ class SwitchableNorm1d(_SwitchableNorm):
                 mean_bn, var_bn = self._running_stats()
             means.append(mean_bn)
             variances.append(var_bn)
-        mw, vw = self._mixing_weights()
-        mean = sum(w * s for w, s in zip(mw, means)) + np.zeros((N, C))
-        var = sum(w * s for w, s in zip(vw, variances)) + np.zeros((N, C))
-        rstd = 1.0 / np.sqrt(var + self.eps)
-        gamma = self.weight.astype(np.float64)
+        mw, vw, mean, rstd, gamma = self._mix(means, variances, (N, C))
         y = toolkit.apply_rows(x[:, :, None], mean, rstd * gamma, self.bias.astype(np.float64))[:, :, 0]
-        if new_running is not None:
-            self.running_mean[...] = new_running[0]
-            self.running_var[...] = new_running[1]
+        self._commit_running(new_running)
         self._saved = dict(x=x, means=means, variances=variances, mean=mean, rstd=rstd, mw=mw, vw=vw,
                            gamma=gamma, bn_from_batch=bn_from_batch)
         return y
 
     def backward(self, dy):
-        s = self._saved
-        if s is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
-        x = s["x"]
-        dy = toolkit.check_grad_output(dy, x.shape, x.dtype)
+        s, x, dy = self._saved_forward(dy)
         N, C = x.shape
         xd, g = x.astype(np.float64), dy.astype(np.float64)
         mean, rstd, gamma, mw, vw = s["mean"], s["rstd"], s["gamma"], s["mw"], s["vw"]
@@ -292,8 +295,7 @@ class SwitchableNorm1d(_SwitchableNorm):
         d_mean = -gamma * rstd * g
         d_var = -0.5 * gamma * rstd ** 3 * g * centered
         grads = {"weight": (g * centered * rstd).sum(axis=0), "bias": g.sum(axis=0)}
-        grads["mean_weight"] = _softmax_backward(mw, np.array([np.sum(d_mean * m) for m in s["means"]]))
-        grads["var_weight"] = _softmax_backward(vw, np.array([np.sum(d_var * v) for v in s["variances"]]))
+        self._mixing_grads(grads, s, d_mean, d_var)
         n_ln = C if self.population_variance else C - 1
         mean_ln = s["means"][0]
         dx = gamma * rstd * g
