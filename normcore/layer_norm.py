@@ -1,9 +1,9 @@
 """LayerNorm: statistics per row over the trailing normalized_shape dims, element-wise affine.
 
-x is viewed as rows [R, L] with L = prod(normalized_shape): reduce (per-row moments) and
-apply with a per-column weight and bias (apply_cols); backward: per-row sums of
-weight * dy and weight * dy * (x - mean), then one apply pass, plus the column sums that give
-the weight and bias gradients.
+x is viewed as rows [R, L] with L = prod(normalized_shape). Forward: one fused pass per row
+(moments, then the per-column affine while the row is in cache). Backward: one fused pass per
+row (sums of weight * dy and weight * dy * (x - mean), dx, and the column sums that give the
+weight and bias gradients). Both in pyx/layer_rows.pyx.
 """
 import math
 import numbers
@@ -11,10 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from normcore._kernels.apply_cols import apply_cols, apply_cols_backward, col_param_grads
-from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
-from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
-from normcore._kernels.moments import row_moments
+from normcore._kernels.layer_rows import layer_backward, layer_forward
 from normcore.module import Module
 from normcore.registry import register_norm
 from normcore.threads import get_num_threads
@@ -71,20 +68,16 @@ def layer_norm_forward(x, shape, weight, bias, eps):
     R = math.prod(x.shape[: x.ndim - len(shape)])
     if x.size == 0:
         return np.empty_like(x), LayerSaved(None, x.shape, x.dtype, None, None, None)
-    n_threads = get_num_threads()
     x2 = np.ascontiguousarray(x).reshape(R, L)
     y2 = np.empty_like(x2)
     mean = np.empty(R)
-    m2 = np.empty(R)
-    row_moments(x2, mean, m2, n_threads)
-    rstd = 1.0 / np.sqrt(m2 / L + eps)
+    rstd = np.empty(R)
     w = None
+    b = None
     if weight is not None or bias is not None:
-        w = (np.ones(L, x.dtype) if weight is None else np.ascontiguousarray(weight, dtype=x.dtype).reshape(L))
+        w = np.ones(L, x.dtype) if weight is None else np.ascontiguousarray(weight, dtype=x.dtype).reshape(L)
         b = None if bias is None else np.ascontiguousarray(bias, dtype=x.dtype).reshape(L)
-        apply_cols(x2, y2, mean, rstd, w, b, n_threads)
-    else:
-        apply_rows(x2, y2, mean, rstd, np.zeros(R), R, n_threads)
+    layer_forward(x2, y2, w, b, eps, mean, rstd, get_num_threads())
     return y2.reshape(x.shape), LayerSaved(x2, x.shape, x.dtype, mean, rstd, w)
 
 
@@ -96,24 +89,9 @@ def layer_norm_backward(dy, saved):
     R, L = x2.shape
     dy2 = np.ascontiguousarray(dy).reshape(R, L)
     dx2 = np.empty_like(x2)
-    n_threads = get_num_threads()
-    s1 = np.empty(R)
-    s2 = np.empty(R)
-    if saved.weight is not None:
-        row_grad_sums_weighted(x2, dy2, saved.weight, saved.mean, R, s1, s2, n_threads)
-    else:
-        row_grad_sums(x2, dy2, saved.mean, R, s1, s2, n_threads)
-    r = saved.rstd
-    a = r
-    b = -(r * r * r) * s2 / L
-    c = -r * s1 / L
-    if saved.weight is not None:
-        apply_cols_backward(dy2, x2, dx2, saved.mean, a, b, c, saved.weight, n_threads)
-    else:
-        apply_rows_backward(dy2, x2, dx2, saved.mean, a, b, c, R, n_threads)
     dweight = np.empty(L)
     dbias = np.empty(L)
-    col_param_grads(x2, dy2, saved.mean, r, dweight, dbias, n_threads)
+    layer_backward(x2, dy2, dx2, saved.weight, saved.mean, saved.rstd, dweight, dbias, get_num_threads())
     return dx2.reshape(saved.shape), dweight, dbias
 
 

@@ -13,28 +13,7 @@ from cython.parallel import prange
 
 from fused_types cimport floating
 from chunking cimport BLOCK, n_blocks, block_len, use_threads
-from blocks cimport split_center
-
-
-cdef inline void _forward(const floating* x, floating* y, Py_ssize_t n, double center,
-                          double scale, double shift) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef floating hi, lo
-    cdef floating s = <floating>scale
-    cdef floating b = <floating>shift
-    split_center(center, &hi, &lo)
-    for i in range(n):
-        y[i] = ((x[i] - hi) - lo) * s + b
-
-
-cdef inline void _backward(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
-                           double center, double a, double b, double c) noexcept nogil:
-    # In float64 whatever the array type: a * dy and c nearly cancel when a group holds few
-    # values (one value: dx is exactly 0), and rounding each term to float32 first would leave
-    # noise of a few ulps of a * dy.
-    cdef Py_ssize_t i
-    for i in range(n):
-        dx[i] = <floating>(a * dy[i] + (b * (<double>x[i] - center) + c))
+from blocks cimport apply_forward, apply_backward
 
 
 def _check_coeffs(Py_ssize_t R, Py_ssize_t period, *coeffs):
@@ -66,7 +45,7 @@ def apply_rows(const floating[:, ::1] x,      # IN  [R, L]
         r = t // nb
         b = t - r * nb
         p = r % period
-        _forward(&x[r, b * BLOCK], &y[r, b * BLOCK], block_len(L, b), center[p], scale[p], shift[p])
+        apply_forward(&x[r, b * BLOCK], &y[r, b * BLOCK], block_len(L, b), center[p], scale[p], shift[p])
 
 
 def apply_rows_backward(const floating[:, ::1] dy,   # IN  [R, L]
@@ -92,5 +71,5 @@ def apply_rows_backward(const floating[:, ::1] dy,   # IN  [R, L]
         r = t // nb
         k = t - r * nb
         p = r % period
-        _backward(&dy[r, k * BLOCK], &x[r, k * BLOCK], &dx[r, k * BLOCK], block_len(L, k),
+        apply_backward(&dy[r, k * BLOCK], &x[r, k * BLOCK], &dx[r, k * BLOCK], block_len(L, k),
                   center[p], a[p], b[p], c[p])

@@ -1,9 +1,10 @@
-# Inline per-block work shared by the kernels. A block is at most BLOCK contiguous elements
-# of one row. The one-pass float64 sums live in block_sums.h (C, so that `omp simd reduction`
-# can vectorise them); this file picks the float32 or float64 version and adds the merge steps.
+# The per-block and per-run arithmetic shared by the kernels lives in row_ops.h (C, so that the
+# 16-lane sums vectorise and the entry points are compiled for AVX2 as well); this file picks
+# the float32 or float64 version and adds the merge of parts computed in parallel.
 from fused_types cimport floating
 
-cdef extern from "block_sums.h" nogil:
+cdef extern from "row_ops.h" nogil:
+    enum: NC_BLOCK
     void nc_block_moments_f32(const float* x, Py_ssize_t n, double* mean, double* m2)
     void nc_block_moments_f64(const double* x, Py_ssize_t n, double* mean, double* m2)
     void nc_block_grad_sums_f32(const float* x, const float* dy, Py_ssize_t n, double center,
@@ -14,6 +15,15 @@ cdef extern from "block_sums.h" nogil:
                                          double center, double* sum_wdy, double* sum_wdy_xc)
     void nc_block_grad_sums_weighted_f64(const double* x, const double* dy, const double* w, Py_ssize_t n,
                                          double center, double* sum_wdy, double* sum_wdy_xc)
+    void nc_apply_rows_f32(const float* x, float* y, Py_ssize_t n, double center, double scale, double shift)
+    void nc_apply_rows_f64(const double* x, double* y, Py_ssize_t n, double center, double scale, double shift)
+    void nc_apply_rows_bwd_f32(const float* dy, const float* x, float* dx, Py_ssize_t n, double center,
+                               double a, double b, double c)
+    void nc_apply_rows_bwd_f64(const double* dy, const double* x, double* dx, Py_ssize_t n, double center,
+                               double a, double b, double c)
+    void nc_merge_step(double* na, double* mu, double* q, double nb, double mean_b, double m2_b)
+    double nc_rstd(double m2, double count, double eps)
+    void nc_bwd_coeffs(double rstd, double s1, double s2, double M, double* b, double* c)
 
 
 cdef inline void block_moments(const floating* x, Py_ssize_t n,
@@ -28,18 +38,13 @@ cdef inline void block_moments(const floating* x, Py_ssize_t n,
 cdef inline void merge_block_moments(const double* parts, Py_ssize_t nb, Py_ssize_t length,
                                      Py_ssize_t block, double* mean, double* m2) noexcept nogil:
     """Merge nb consecutive (mean, M2) pairs of blocks of `block` elements (the last one holds
-    the rest of `length`) in block order with Chan's formula (OUT: mean, m2)."""
+    the rest of `length`) in block order with Chan's formula (OUT: mean, m2); the same steps
+    as a run's moments in row_ops.h."""
     cdef Py_ssize_t b
-    cdef double na = <double>(block if length > block else length)
-    cdef double mu = parts[0], q = parts[1]
-    cdef double nb_, n, delta
-    for b in range(1, nb):
-        nb_ = <double>(length - b * block if length - b * block < block else block)
-        n = na + nb_
-        delta = parts[2 * b] - mu
-        mu = mu + delta * (nb_ / n)
-        q = q + parts[2 * b + 1] + delta * delta * (na * nb_ / n)
-        na = n
+    cdef double na = 0.0, mu = 0.0, q = 0.0
+    for b in range(nb):
+        nc_merge_step(&na, &mu, &q, <double>(length - b * block if length - b * block < block else block),
+                      parts[2 * b], parts[2 * b + 1])
     mean[0] = mu
     m2[0] = q
 
@@ -63,9 +68,19 @@ cdef inline void block_grad_sums_weighted(const floating* x, const floating* dy,
         nc_block_grad_sums_weighted_f64(x, dy, w, n, center, sum_wdy, sum_wdy_xc)
 
 
-cdef inline void split_center(double center, floating* hi, floating* lo) noexcept nogil:
-    """center = hi + lo to about twice the precision of `floating`, so that
-    (x - hi) - lo is the difference x - center rounded once (Sterbenz makes x - hi exact
-    when x is near the center): a constant row normalises to exactly its shift."""
-    hi[0] = <floating>center
-    lo[0] = <floating>(center - <double>hi[0])
+cdef inline void apply_forward(const floating* x, floating* y, Py_ssize_t n, double center,
+                               double scale, double shift) noexcept nogil:
+    """y = ((x - hi) - lo) * scale + shift in the array type (center = hi + lo)."""
+    if floating is float:
+        nc_apply_rows_f32(x, y, n, center, scale, shift)
+    else:
+        nc_apply_rows_f64(x, y, n, center, scale, shift)
+
+
+cdef inline void apply_backward(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
+                                double center, double a, double b, double c) noexcept nogil:
+    """dx = a * dy + (b * (x - center) + c) in float64, rounded once."""
+    if floating is float:
+        nc_apply_rows_bwd_f32(dy, x, dx, n, center, a, b, c)
+    else:
+        nc_apply_rows_bwd_f64(dy, x, dx, n, center, a, b, c)

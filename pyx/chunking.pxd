@@ -2,10 +2,12 @@
 # which their partial results are merged, never depend on the number of threads, so the
 # output is bitwise identical for any thread count.
 
+cdef extern from "row_ops.h":
+    # Elements of one row handled as one block (NC_BLOCK = 4096): its partial statistics are
+    # computed in one pass while the block sits in L1/L2 cache, then blocks are merged in order.
+    enum: BLOCK "NC_BLOCK"
+
 cdef enum:
-    # Elements of one row handled as one block: its partial statistics are computed in two
-    # passes while the block sits in L1/L2 cache, then blocks are merged in order.
-    BLOCK = 4096
     # Below this many elements a call runs on the calling thread: no thread team is started.
     PARALLEL_MIN = 65536
     # Rows per chunk of a column reduction (LayerNorm's weight and bias gradients).

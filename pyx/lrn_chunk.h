@@ -23,14 +23,7 @@
 #include <math.h>
 #include <stddef.h>
 
-/* On x86-64 with GCC the chunk functions are also compiled for AVX2 and picked at load time
- * (ifunc). Their arithmetic is element-wise IEEE (+, *, /, sqrt, conversions: correctly
- * rounded; AVX2 alone enables no FMA contraction), so both versions give the same bits. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define NC_MULTIVERSION __attribute__((target_clones("avx2", "default")))
-#else
-#define NC_MULTIVERSION
-#endif
+#include "multiversion.h"
 
 enum { NC_POW_GENERAL = 0, NC_POW_075 = 1, NC_POW_05 = 2 };
 

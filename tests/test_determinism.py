@@ -1,9 +1,10 @@
 """Results are bitwise identical for any number of threads.
 
 The kernels cut work into pieces whose sizes depend only on the shape (BLOCK = 4096 elements
-of a row, at most 64 row chunks of >= 64 rows and COL_BLOCK = 1024 columns for the column
+of a row, summed in 16 fixed lanes; at most 64 row chunks of >= 64 rows for LayerNorm's column
 sums) and merge the pieces in a fixed order, so 1, 2 or 3 threads (and the default) must give
-the same bits. Every input here has at least PARALLEL_MIN = 65536 elements, so with more than
+the same bits. group_forward / group_backward also switch between one task per group (fused)
+and passes over blocks (split) with the thread count; both paths must give the same bits. Every input here has at least PARALLEL_MIN = 65536 elements, so with more than
 one thread the kernels really start a thread team, and several inputs have rows longer than
 one block. Comparisons are on the raw bytes (dtype, shape and tobytes()), so -0.0 vs 0.0 or
 two different NaN payloads would count as differences.
@@ -18,9 +19,10 @@ import pytest
 
 import normcore as nc
 import normcore.functional as F
-from normcore._kernels.apply_cols import apply_cols, apply_cols_backward, col_param_grads
 from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
 from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
+from normcore._kernels.groups import group_backward, group_forward
+from normcore._kernels.layer_rows import layer_backward, layer_forward
 from normcore._kernels.moments import row_moments
 
 PARALLEL_MIN = 65536
@@ -189,7 +191,6 @@ def _kernel_outputs(x, dy, n_threads):
     mean, m2 = rows(), rows()
     row_moments(x, mean, m2, n_threads)
     out += [mean, m2]
-    rstd = 1.0 / np.sqrt(m2 / L + 1e-5)
     w = rng.uniform(0.5, 1.5, L).astype(dt)
     bias = rng.standard_normal(L).astype(dt)
     for period in (C, R):
@@ -202,17 +203,33 @@ def _kernel_outputs(x, dy, n_threads):
         apply_rows(x, y, cen, a, b, period, n_threads)
         apply_rows_backward(dy, x, dx, cen, a, b, c, period, n_threads)
         out += [s, t, sw, tw, y, dx]
-    for bb in (bias, None):
-        y = np.empty_like(x)
-        apply_cols(x, y, mean, rstd, w, bb, n_threads)
-        out.append(y)
-    a, b, c = (rng.standard_normal(R) for _ in range(3))
-    dx = np.empty_like(x)
-    apply_cols_backward(dy, x, dx, mean, a, b, c, w, n_threads)
-    dw, db = np.empty(L), np.empty(L)
-    col_param_grads(x, dy, mean, rstd, dw, db, n_threads)
-    out += [dx, dw, db]
+    for ww, bb in ((w, bias), (w, None), (None, None)):
+        y, lm, lr = np.empty_like(x), rows(), rows()
+        layer_forward(x, y, ww, bb, 1e-5, lm, lr, n_threads)
+        out += [y, lm, lr]
+    for ww in (w, None):
+        dx, dw, db = np.empty_like(x), np.empty(L), np.empty(L)
+        layer_backward(x, dy, dx, ww, lm, lr, dw, db, n_threads)
+        dx2 = np.empty_like(x)
+        layer_backward(x, dy, dx2, ww, lm, lr, None, None, n_threads)
+        out += [dx, dw, db, dx2]
+    # k = 1 (InstanceNorm: many groups, fused) and k = R / C with 2 or more groups
+    # (few groups: split with more than one thread).
+    for k in (1, R // C):
+        out += _group_outputs(x, dy, k, C, rng, n_threads)
     return out
+
+
+def _group_outputs(x, dy, k, C, rng, n_threads):
+    R = x.shape[0]
+    G = R // k
+    weight, bias = rng.uniform(0.5, 1.5, C), rng.standard_normal(C)
+    y = np.empty_like(x)
+    mean, m2, rstd = np.empty(G), np.empty(G), np.empty(G)
+    group_forward(x, y, k, C, weight, bias, 1e-5, mean, m2, rstd, n_threads)
+    dx, sdy, sdyxc = np.empty_like(x), np.empty(R), np.empty(R)
+    group_backward(x, dy, dx, k, C, weight, mean, rstd, sdy, sdyxc, n_threads)
+    return [y, mean, m2, rstd, dx, sdy, sdyxc]
 
 
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
@@ -227,18 +244,36 @@ def test_kernels(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_col_param_grads_many_chunks(dtype):
-    """R > 64 * 64 rows (64 chunks of ceil(R / 64) rows, the last one short), L > COL_BLOCK."""
+def test_layer_backward_many_chunks(dtype):
+    """R > 64 * 64 rows (64 chunks of ceil(R / 64) rows, the last one short), L > 1024."""
     R, L = 4161, 1030
     rng = np.random.default_rng(7)
     x = rng.standard_normal((R, L)).astype(dtype)
     dy = rng.standard_normal((R, L)).astype(dtype)
-    center, scale = rng.standard_normal(R), rng.uniform(0.5, 2.0, R)
+    w = rng.uniform(0.5, 1.5, L).astype(dtype)
+    mean, rstd = rng.standard_normal(R), rng.uniform(0.5, 2.0, R)
     results = {}
     for n in KERNEL_THREADS:
-        dw, db = np.empty(L), np.empty(L)
-        col_param_grads(x, dy, center, scale, dw, db, n)
-        results[n] = [dw, db]
+        dx, dw, db = np.empty_like(x), np.empty(L), np.empty(L)
+        layer_backward(x, dy, dx, w, mean, rstd, dw, db, n)
+        results[n] = [dx, dw, db]
+    assert_same_bits(results)
+
+
+# (R, L, k, C): few groups over PARALLEL_MIN (split with 2, 3 and 8 threads, fused with 1);
+# L not a multiple of 16; blocks crossing rows when k > 1.
+GROUP_SPLIT = [(4, 20001, 2, 4), (4, 16411, 1, 2), (2, 40003, 2, 1), (6, 11111, 3, 2)]
+
+
+@pytest.mark.parametrize("case", GROUP_SPLIT, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_groups_fused_vs_split(dtype, case):
+    R, L, k, C = case
+    assert R * L >= PARALLEL_MIN and R // k < 4 * min(n for n in KERNEL_THREADS if n > 1)
+    rng = np.random.default_rng(8)
+    x = (5.0 + 3.0 * rng.standard_normal((R, L))).astype(dtype)
+    dy = rng.standard_normal((R, L)).astype(dtype)
+    results = {n: _group_outputs(x, dy, k, C, np.random.default_rng(9), n) for n in KERNEL_THREADS}
     assert_same_bits(results)
 
 

@@ -9,25 +9,36 @@ result *of the same float32 data* (``x.astype(float64)``). Tolerances:
 * element-wise outputs in the array type: 1e-12 (float64) or 1e-6 (float32) relative to the
   magnitude of the terms of the formula.
 
-Sizes that matter (pyx/chunking.pxd): BLOCK = 4096 elements of a row per block,
-PARALLEL_MIN = 65536 elements before any thread is started, ROW_CHUNK = 64 and
-COL_BLOCK = 1024 for the column sums of col_param_grads.
+* layer_backward's dx and group_backward's dx are a * g + b * (x - mean) + c with b, c made
+  from sums: the magnitude is |a * g| + |b| * |x - mean| + |c| with b, c computed from the
+  sums of the magnitudes of the terms (so the 1e-12 error of the sums is covered).
+
+Sizes that matter (pyx/chunking.pxd, row_ops.h): BLOCK = 4096 elements of a row per block,
+summed in LANES = 16 lanes; PARALLEL_MIN = 65536 elements before any thread is started;
+layer_backward's column sums run over chunks of max(ROW_CHUNK, ceil(R / MAX_CHUNKS)) rows
+(ROW_CHUNK = MAX_CHUNKS = 64); group_forward / group_backward run one task per group
+("fused") when n_threads == 1, below PARALLEL_MIN or with G >= FUSED_MIN_GROUPS * n_threads
+groups, and otherwise separate passes over blocks ("split"), which must give the same bits.
 """
 import math
 
 import numpy as np
 import pytest
 
-from normcore._kernels.apply_cols import apply_cols, apply_cols_backward, col_param_grads
 from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
 from normcore._kernels.combine import merge_moments, sum_groups
 from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
+from normcore._kernels.groups import group_backward, group_forward
+from normcore._kernels.layer_rows import layer_backward, layer_forward
 from normcore._kernels.moments import row_moments
 
 BLOCK = 4096
+LANES = 16
 PARALLEL_MIN = 65536
 ROW_CHUNK = 64
-COL_BLOCK = 1024
+MAX_CHUNKS = 64
+FUSED_MIN_GROUPS = 4
+EPS = 1e-5
 
 DTYPES = [np.float32, np.float64]
 RTOL_SUM = 1e-12
@@ -116,24 +127,83 @@ def np_apply_rows_backward(dy, x, center, a, b, c, period):
     return t1 + t2 + t3, np.abs(t1) + np.abs(t2) + np.abs(t3)
 
 
-def np_apply_cols(x, center, scale, weight, bias):
-    t = (f64(x) - center[:, None]) * scale[:, None] * f64(weight)[None, :]
-    bb = np.zeros(x.shape[1]) if bias is None else f64(bias)
-    return t + bb[None, :], np.abs(t) + np.abs(bb)[None, :]
+def groups_of(R, k):
+    """Index of the group of each row: r // k."""
+    return np.arange(R) // k
 
 
-def np_apply_cols_backward(dy, x, center, a, b, c, weight):
-    t1 = a[:, None] * f64(weight)[None, :] * f64(dy)
-    t2 = b[:, None] * (f64(x) - center[:, None])
-    t3 = c[:, None] + 0 * t1
-    return t1 + t2 + t3, np.abs(t1) + np.abs(t2) + np.abs(t3)
+def own_stats_scale(dtype, mag, mag_terms):
+    """Scale for an output normalised with statistics the kernel computes itself: the
+    rounding of the apply (RTOL_OUT relative to `mag`) plus the error of the statistics
+    (RTOL_SUM relative to `mag_terms`, the magnitude of x * rstd * w and mean * rstd * w),
+    which matters where x is close to the mean."""
+    return mag + (RTOL_SUM / RTOL_OUT[dtype]) * mag_terms
 
 
-def np_col_param_grads(x, dy, center, scale):
-    """dweight[j] = sum_r dy * (x - center[r]) * scale[r];  dbias[j] = sum_r dy."""
-    t = f64(dy) * (f64(x) - center[:, None]) * scale[:, None]
-    g = f64(dy)
-    return t.sum(0), g.sum(0), np.abs(t).sum(0), np.abs(g).sum(0)
+def np_layer_forward(x, weight, bias, eps):
+    """LayerNorm of each row: (mean, rstd, y, magnitude of the terms of the apply y = t + bias,
+    magnitude of the terms x * rstd * w and mean * rstd * w)."""
+    L = x.shape[1]
+    mean, m2 = np_row_moments(x)
+    rstd = 1.0 / np.sqrt(np.maximum(m2 / L, 0.0) + eps)
+    t = (f64(x) - mean[:, None]) * rstd[:, None]
+    terms = (np.abs(f64(x)) + np.abs(mean)[:, None]) * rstd[:, None]
+    if weight is not None:
+        t = t * f64(weight)[None, :]
+        terms = terms * np.abs(f64(weight))[None, :]
+    bb = np.zeros(L) if bias is None else f64(bias)
+    return mean, rstd, t + bb[None, :], np.abs(t) + np.abs(bb)[None, :], terms
+
+
+def np_layer_backward(x, dy, weight, mean, rstd):
+    """dx of LayerNorm (g = weight * dy, or dy), its magnitude, and the column sums
+    dweight = sum_r dy * (x - mean_r) * rstd_r, dbias = sum_r dy with their magnitudes."""
+    L = x.shape[1]
+    g = f64(dy) if weight is None else f64(dy) * f64(weight)[None, :]
+    xc = f64(x) - mean[:, None]
+    b = -rstd ** 3 * (g * xc).sum(1) / L
+    c = -rstd * g.sum(1) / L
+    b_mag = rstd ** 3 * np.abs(g * xc).sum(1) / L
+    c_mag = rstd * np.abs(g).sum(1) / L
+    t1 = rstd[:, None] * g
+    dx = t1 + b[:, None] * xc + c[:, None]
+    mag = np.abs(t1) + b_mag[:, None] * np.abs(xc) + c_mag[:, None]
+    tw = f64(dy) * xc * rstd[:, None]
+    return dx, mag, tw.sum(0), f64(dy).sum(0), np.abs(tw).sum(0), np.abs(f64(dy)).sum(0)
+
+
+def np_group_forward(x, k, C, weight, bias, eps):
+    """Groups of k consecutive rows normalised with their own statistics; row r has channel
+    r % C. (mean, m2, rstd, y, magnitudes as np_layer_forward's)."""
+    R, L = x.shape
+    mean, m2 = np_row_moments(f64(x).reshape(R // k, k * L))
+    rstd = 1.0 / np.sqrt(np.maximum(m2 / (k * L), 0.0) + eps)
+    g, c = groups_of(R, k), rows_of(R, C)
+    a = (rstd[g] * weight[c])[:, None]
+    t = (f64(x) - mean[g][:, None]) * a
+    terms = (np.abs(f64(x)) + np.abs(mean[g])[:, None]) * np.abs(a)
+    return mean, m2, rstd, t + bias[c][:, None], np.abs(t) + np.abs(bias[c])[:, None], terms
+
+
+def np_group_backward(x, dy, k, C, weight, mean, rstd):
+    """dx of group_forward and the per-row sums sum(dy), sum(dy * (x - mean_g)), each with
+    its magnitude: (dx, mag, sdy, sdyxc, sdy_mag, sdyxc_mag)."""
+    R, L = x.shape
+    G, M = R // k, k * L
+    gi, w = groups_of(R, k), weight[rows_of(R, C)]
+    d = f64(dy)
+    xc = f64(x) - mean[gi][:, None]
+    sdy, sdyxc = d.sum(1), (d * xc).sum(1)
+    sdy_mag, sdyxc_mag = np.abs(d).sum(1), np.abs(d * xc).sum(1)
+    s1, s2 = (w * sdy).reshape(G, k).sum(1), (w * sdyxc).reshape(G, k).sum(1)
+    s1_mag = (np.abs(w) * sdy_mag).reshape(G, k).sum(1)
+    s2_mag = (np.abs(w) * sdyxc_mag).reshape(G, k).sum(1)
+    b, c = -rstd ** 3 * s2 / M, -rstd * s1 / M
+    b_mag, c_mag = rstd ** 3 * s2_mag / M, rstd * s1_mag / M
+    t1 = (rstd[gi] * w)[:, None] * d
+    dx = t1 + b[gi][:, None] * xc + c[gi][:, None]
+    mag = np.abs(t1) + b_mag[gi][:, None] * np.abs(xc) + c_mag[gi][:, None]
+    return dx, mag, sdy, sdyxc, sdy_mag, sdyxc_mag
 
 
 # ------------------------------------------------------------------------ row_moments
@@ -170,7 +240,7 @@ def test_row_moments_large_mean_float32(L):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_row_moments_constant_rows(dtype, L):
     """A constant row: M2 exactly 0, mean exactly the value; and it normalises to exactly
-    its shift (apply_rows and apply_cols split the center so x - center is exact)."""
+    its shift (apply_rows and layer_forward split the center so x - center is exact)."""
     values = np.array([1e4 + 0.37, -3.1, 0.0], dtype=dtype)
     x = np.repeat(values[:, None], L, axis=1)
     mean, m2 = np.empty(3), np.empty(3)
@@ -183,8 +253,42 @@ def test_row_moments_constant_rows(dtype, L):
     apply_rows(x, y, mean, rstd, shift, 3)
     assert np.array_equal(y, np.repeat(shift.astype(dtype)[:, None], L, axis=1))
     bias = np.linspace(-1, 1, L).astype(dtype)
-    apply_cols(x, y, mean, rstd, np.full(L, 2.0, dtype), bias)
+    lmean, lrstd = np.empty(3), np.empty(3)
+    layer_forward(x, y, np.full(L, 2.0, dtype), bias, 1e-5, lmean, lrstd)
     assert np.array_equal(y, np.broadcast_to(bias, x.shape))
+    assert np.array_equal(lmean, f64(values)) and np.array_equal(lrstd, rstd)
+    layer_forward(x, y, None, None, 1e-5, lmean, lrstd)
+    assert np.array_equal(y, np.zeros_like(x))
+
+
+# Lengths around the 16 lanes of a block's sums (tail of n % 16 elements) and around BLOCK.
+LANE_LENGTHS = [1, LANES - 1, LANES, LANES + 1, BLOCK - 1, BLOCK, BLOCK + 1, 10000]
+
+
+@pytest.mark.parametrize("L", LANE_LENGTHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lane_lengths(dtype, L):
+    """row_moments and the gradient sums on rows whose length is around a multiple of the
+    16 lanes and of BLOCK, against the twins."""
+    rng = np.random.default_rng(11)
+    x = make(rng, (3, L), dtype, loc=3.0, spread=2.0)
+    dy = make(rng, (3, L), dtype)
+    w = make(rng, L, dtype, loc=1.0, spread=0.5)
+    mean, m2 = np.full(3, np.nan), np.full(3, np.nan)
+    row_moments(x, mean, m2)
+    want_mean, want_m2 = np_row_moments(x)
+    assert_within(mean, want_mean, np.abs(f64(x)).max(1), RTOL_SUM, "mean")
+    assert_within(m2, want_m2, want_m2, RTOL_SUM, "M2")
+    center = 3.0 + rng.standard_normal(3)
+    for weighted in (False, True):
+        s, t = np.full(3, np.nan), np.full(3, np.nan)
+        if weighted:
+            row_grad_sums_weighted(x, dy, w, center, 3, s, t)
+        else:
+            row_grad_sums(x, dy, center, 3, s, t)
+        want_s, want_t, scale_s, scale_t = np_row_grad_sums(x, dy, center, 3, w if weighted else None)
+        assert_within(s, want_s, scale_s, RTOL_SUM, f"sum(g) weighted={weighted}")
+        assert_within(t, want_t, scale_t, RTOL_SUM, f"sum(g*(x-c)) weighted={weighted}")
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
@@ -271,80 +375,285 @@ def test_apply_rows_backward(dtype, shape, n_threads):
         assert np.array_equal(dyi, dx)
 
 
-# ------------------------------------------------------------------------- apply_cols
+# ------------------------------------------------------------------- layer_forward/backward
 
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("n_threads", THREADS)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_apply_cols(dtype, shape, n_threads, with_bias):
-    rng = np.random.default_rng(6)
-    R, L = shape
-    x = make(rng, shape, dtype, loc=4.0, spread=2.0)
-    center = 4.0 + rng.standard_normal(R)
-    scale = rng.uniform(0.2, 3.0, R)
-    weight = make(rng, L, dtype, loc=1.0, spread=0.5)
-    bias = make(rng, L, dtype) if with_bias else None
-    want, mag = np_apply_cols(x, center, scale, weight, bias)
-    y = np.full_like(x, np.nan)
-    apply_cols(x, y, center, scale, weight, bias, n_threads)
-    assert_within(y, want, mag, RTOL_OUT[dtype], "y")
-    xi = x.copy()  # y may be x itself
-    apply_cols(xi, xi, center, scale, weight, bias, n_threads)
-    assert np.array_equal(xi, y)
-
-
-@pytest.mark.parametrize("n_threads", THREADS)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_apply_cols_backward(dtype, shape, n_threads):
-    rng = np.random.default_rng(7)
-    R, L = shape
-    x = make(rng, shape, dtype, loc=1.0, spread=2.0)
-    dy = make(rng, shape, dtype)
-    center = 1.0 + rng.standard_normal(R)
-    a, b, c = rng.uniform(0.5, 2.0, R), rng.standard_normal(R), rng.standard_normal(R)
-    weight = make(rng, L, dtype, loc=1.0, spread=0.5)
-    want, mag = np_apply_cols_backward(dy, x, center, a, b, c, weight)
-    dx = np.full_like(x, np.nan)
-    apply_cols_backward(dy, x, dx, center, a, b, c, weight, n_threads)
-    assert_within(dx, want, mag, RTOL_OUT[dtype], "dx")
-    dyi = dy.copy()  # dx may be dy itself
-    apply_cols_backward(dyi, x, dyi, center, a, b, c, weight, n_threads)
-    assert np.array_equal(dyi, dx)
-
-
-# -------------------------------------------------------------------- col_param_grads
-
-# Rows around ROW_CHUNK (one chunk, one full chunk, one past it), more than 64 * 64 rows
-# (rows_per_chunk = ceil(R / 64) > 64, 64 chunks with a short last one), and columns around
-# and past COL_BLOCK.
-COL_SHAPES = SHAPES + [
+# Rows around one chunk of the column sums (one chunk; one past it: two chunks), R >= 128,
+# more than 64 * 64 rows (ceil(R / 64) > ROW_CHUNK rows per chunk, the last chunk short),
+# and rows over PARALLEL_MIN with several blocks.
+LAYER_SHAPES = SHAPES + [
     (ROW_CHUNK - 1, 5),
     (ROW_CHUNK, 5),
     (ROW_CHUNK + 1, 5),
-    (130, COL_BLOCK),
-    (130, COL_BLOCK + 1),
-    (64 * 64 + 1, 7),
-    (4161, COL_BLOCK + 6),
+    (128, 17),
+    (130, 33),
+    (MAX_CHUNKS * ROW_CHUNK + 1, 7),
+    (4161, 20),
 ]
+AFFINE = ["weight_bias", "weight", "none"]
 
 
+def layer_params(rng, L, dtype, affine):
+    weight = make(rng, L, dtype, loc=1.0, spread=0.5) if affine != "none" else None
+    bias = make(rng, L, dtype) if affine == "weight_bias" else None
+    return weight, bias
+
+
+@pytest.mark.parametrize("affine", AFFINE)
 @pytest.mark.parametrize("n_threads", THREADS)
-@pytest.mark.parametrize("shape", COL_SHAPES, ids=str)
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_col_param_grads(dtype, shape, n_threads):
-    rng = np.random.default_rng(8)
+def test_layer_forward(dtype, shape, n_threads, affine):
+    rng = np.random.default_rng(6)
     R, L = shape
-    x = make(rng, shape, dtype, loc=3.0, spread=2.0)
+    x = make(rng, shape, dtype, loc=4.0, spread=2.0)
+    weight, bias = layer_params(rng, L, dtype, affine)
+    want_mean, want_rstd, want, mag, terms = np_layer_forward(x, weight, bias, EPS)
+    y = np.full_like(x, np.nan)
+    mean, rstd = np.full(R, np.nan), np.full(R, np.nan)
+    layer_forward(x, y, weight, bias, EPS, mean, rstd, n_threads)
+    assert y.dtype == dtype
+    assert_within(mean, want_mean, np.abs(f64(x)).max(1), RTOL_SUM, "mean")
+    assert_within(rstd, want_rstd, want_rstd, RTOL_SUM, "rstd")
+    assert_within(y, want, own_stats_scale(dtype, mag, terms), RTOL_OUT[dtype], "y")
+    # In place (y is x): the same values.
+    xi = x.copy()
+    mean_i, rstd_i = np.empty(R), np.empty(R)
+    layer_forward(xi, xi, weight, bias, EPS, mean_i, rstd_i, n_threads)
+    assert np.array_equal(xi, y) and np.array_equal(mean_i, mean) and np.array_equal(rstd_i, rstd)
+
+
+@pytest.mark.parametrize("param_grads", [True, False], ids=["grads", "no_grads"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no_weight"])
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("shape", LAYER_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_backward(dtype, shape, n_threads, weighted, param_grads):
+    rng = np.random.default_rng(7)
+    L = shape[1]
+    x = make(rng, shape, dtype, loc=1.0, spread=2.0)
     dy = make(rng, shape, dtype)
-    center = 3.0 + rng.standard_normal(R)
-    scale = rng.uniform(0.2, 3.0, R)
-    dw, db = np.full(L, np.nan), np.full(L, np.nan)
-    col_param_grads(x, dy, center, scale, dw, db, n_threads)
-    want_w, want_b, scale_w, scale_b = np_col_param_grads(x, dy, center, scale)
-    assert_within(dw, want_w, scale_w, RTOL_SUM, "dweight")
-    assert_within(db, want_b, scale_b, RTOL_SUM, "dbias")
+    weight = make(rng, L, dtype, loc=1.0, spread=0.5) if weighted else None
+    mean, rstd = np_layer_forward(x, None, None, EPS)[:2]
+    want, mag, want_w, want_b, scale_w, scale_b = np_layer_backward(x, dy, weight, mean, rstd)
+    dx = np.full_like(x, np.nan)
+    dw = np.full(L, np.nan) if param_grads else None
+    db = np.full(L, np.nan) if param_grads else None
+    layer_backward(x, dy, dx, weight, mean, rstd, dw, db, n_threads)
+    assert dx.dtype == dtype
+    assert_within(dx, want, mag, RTOL_OUT[dtype], "dx")
+    if param_grads:
+        assert_within(dw, want_w, scale_w, RTOL_SUM, "dweight")
+        assert_within(db, want_b, scale_b, RTOL_SUM, "dbias")
+    else:
+        # dx does not depend on whether the parameter gradients are wanted.
+        dx2 = np.empty_like(x)
+        layer_backward(x, dy, dx2, weight, mean, rstd, np.empty(L), np.empty(L), n_threads)
+        assert np.array_equal(dx2, dx)
+
+
+# One chunk, two chunks, more than 64 * 64 rows; rows of several blocks.
+IN_PLACE_SHAPES = [(5, 37), (ROW_CHUNK + 1, 5), (130, 33), (MAX_CHUNKS * ROW_CHUNK + 1, 7), (2, 3 * BLOCK + 5)]
+
+
+@pytest.mark.parametrize("param_grads", [True, False], ids=["grads", "no_grads"])
+@pytest.mark.parametrize("weighted", [True, False], ids=["weight", "no_weight"])
+@pytest.mark.parametrize("shape", IN_PLACE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_backward_in_place(dtype, shape, weighted, param_grads):
+    """dx may be dy itself: dx, dweight and dbias the same bits as with a separate dx."""
+    rng = np.random.default_rng(12)
+    L = shape[1]
+    x = make(rng, shape, dtype, loc=1.0, spread=2.0)
+    dy = make(rng, shape, dtype)
+    weight = make(rng, L, dtype, loc=1.0, spread=0.5) if weighted else None
+    mean, rstd = np_layer_forward(x, None, None, EPS)[:2]
+    grads = (lambda: (np.full(L, np.nan), np.full(L, np.nan))) if param_grads else (lambda: (None, None))
+    dx = np.empty_like(x)
+    dw, db = grads()
+    layer_backward(x, dy, dx, weight, mean, rstd, dw, db, 3)
+    dyi = dy.copy()
+    dwi, dbi = grads()
+    layer_backward(x, dyi, dyi, weight, mean, rstd, dwi, dbi, 3)
+    assert np.array_equal(dyi, dx), "dx"
+    if param_grads:
+        assert np.array_equal(dwi, dw), f"dweight in place differs: max |diff| {np.abs(dwi - dw).max()}"
+        assert np.array_equal(dbi, db), f"dbias in place differs: max |diff| {np.abs(dbi - db).max()}"
+
+
+def test_layer_forward_bias_needs_weight():
+    x = np.ones((2, 3))
+    with pytest.raises(ValueError):
+        layer_forward(x, np.empty_like(x), None, np.ones(3), EPS, np.empty(2), np.empty(2))
+
+
+# --------------------------------------------------------------- group_forward/backward
+
+# (R, L, k, C): InstanceNorm (k = 1) and GroupNorm (k > 1), C != k, groups straddling
+# channels (k = 3, C = 4); L = 1; L not a multiple of 16; groups of k*L > BLOCK values made
+# of rows shorter than a block (blocks cross rows); L > BLOCK; and inputs over PARALLEL_MIN:
+# few groups (split path with 2 or 3 threads) and many groups (fused path, threaded).
+GROUP_CASES = [
+    (1, 10, 1, 1),
+    (6, 10, 1, 3),
+    (6, 10, 2, 3),
+    (8, 17, 4, 2),
+    (12, 5, 3, 4),
+    (4, 1, 2, 4),
+    (3, 1, 1, 3),
+    (1000, 3, 1, 10),
+    (6, 2000, 3, 2),
+    (2, BLOCK + 3, 1, 2),
+    (4, 3 * BLOCK + 5, 2, 2),
+    (4, 20001, 2, 4),
+    (4, 16411, 1, 2),
+    (2, 40003, 2, 1),
+    (256, 301, 2, 8),
+    (30000, 3, 2, 6),
+]
+GROUP_THREADS = [1, 2, 3]
+
+
+def is_split(R, L, k, n_threads):
+    """Whether group_forward / group_backward take the split path (groups.pyx _fused)."""
+    return n_threads > 1 and R * L >= PARALLEL_MIN and R // k < FUSED_MIN_GROUPS * n_threads
+
+
+def group_params(rng, C):
+    return rng.uniform(0.5, 1.5, C) * rng.choice([-1.0, 1.0], C), rng.standard_normal(C)
+
+
+@pytest.mark.parametrize("n_threads", GROUP_THREADS)
+@pytest.mark.parametrize("case", GROUP_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_forward(dtype, case, n_threads):
+    R, L, k, C = case
+    G = R // k
+    rng = np.random.default_rng(13)
+    x = make(rng, (R, L), dtype, loc=4.0, spread=2.0)
+    weight, bias = group_params(rng, C)
+    want_mean, want_m2, want_rstd, want, mag, terms = np_group_forward(x, k, C, weight, bias, EPS)
+    y = np.full_like(x, np.nan)
+    mean, m2, rstd = np.full(G, np.nan), np.full(G, np.nan), np.full(G, np.nan)
+    group_forward(x, y, k, C, weight, bias, EPS, mean, m2, rstd, n_threads)
+    assert y.dtype == dtype
+    assert_within(mean, want_mean, np.abs(f64(x)).reshape(G, -1).max(1), RTOL_SUM, "mean")
+    assert_within(m2, want_m2, want_m2, RTOL_SUM, "M2")
+    assert_within(rstd, want_rstd, want_rstd, RTOL_SUM, "rstd")
+    assert_within(y, want, own_stats_scale(dtype, mag, terms), RTOL_OUT[dtype], "y")
+    xi = x.copy()  # y may be x itself
+    out_i = np.empty(G), np.empty(G), np.empty(G)
+    group_forward(xi, xi, k, C, weight, bias, EPS, *out_i, n_threads)
+    assert np.array_equal(xi, y)
+    assert all(np.array_equal(a, b) for a, b in zip(out_i, (mean, m2, rstd)))
+
+
+@pytest.mark.parametrize("n_threads", GROUP_THREADS)
+@pytest.mark.parametrize("case", GROUP_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_backward(dtype, case, n_threads):
+    R, L, k, C = case
+    rng = np.random.default_rng(14)
+    x = make(rng, (R, L), dtype, loc=-1.0, spread=2.0)
+    dy = make(rng, (R, L), dtype)
+    weight, _ = group_params(rng, C)
+    mean, _, rstd = np_group_forward(x, k, C, weight, np.zeros(C), EPS)[:3]
+    want, mag, want_sdy, want_sdyxc, sdy_mag, sdyxc_mag = np_group_backward(x, dy, k, C, weight, mean, rstd)
+    dx = np.full_like(x, np.nan)
+    sdy, sdyxc = np.full(R, np.nan), np.full(R, np.nan)
+    group_backward(x, dy, dx, k, C, weight, mean, rstd, sdy, sdyxc, n_threads)
+    assert dx.dtype == dtype
+    assert_within(sdy, want_sdy, sdy_mag, RTOL_SUM, "sum(dy)")
+    assert_within(sdyxc, want_sdyxc, sdyxc_mag, RTOL_SUM, "sum(dy*(x-mean))")
+    assert_within(dx, want, mag, RTOL_OUT[dtype], "dx")
+    dyi = dy.copy()  # dx may be dy itself
+    sdy_i, sdyxc_i = np.empty(R), np.empty(R)
+    group_backward(x, dyi, dyi, k, C, weight, mean, rstd, sdy_i, sdyxc_i, n_threads)
+    assert np.array_equal(dyi, dx)
+    assert np.array_equal(sdy_i, sdy) and np.array_equal(sdyxc_i, sdyxc)
+
+
+def _group_outputs(x, dy, k, C, weight, bias, n_threads):
+    """y, mean, m2, rstd of group_forward and sdy, sdyxc, dx of group_backward."""
+    R = x.shape[0]
+    G = R // k
+    y = np.empty_like(x)
+    mean, m2, rstd = np.empty(G), np.empty(G), np.empty(G)
+    group_forward(x, y, k, C, weight, bias, EPS, mean, m2, rstd, n_threads)
+    dx = np.empty_like(x)
+    sdy, sdyxc = np.empty(R), np.empty(R)
+    group_backward(x, dy, dx, k, C, weight, mean, rstd, sdy, sdyxc, n_threads)
+    return {"y": y, "mean": mean, "m2": m2, "rstd": rstd, "sdy": sdy, "sdyxc": sdyxc, "dx": dx}
+
+
+# (R, L, k, C) over PARALLEL_MIN with few groups: split with 2 and 3 threads. L is not a
+# multiple of 16; groups span several blocks, blocks cross rows when k > 1.
+SPLIT_CASES = [(4, 20001, 2, 4), (4, 16411, 1, 2), (2, 40003, 2, 1), (2, 32771, 1, 2), (6, 11111, 3, 2)]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_fused_and_split_same_bits(dtype, case):
+    """n_threads=1 (fused) and 2, 3 (split) give identical outputs."""
+    R, L, k, C = case
+    assert not is_split(R, L, k, 1) and is_split(R, L, k, 2) and is_split(R, L, k, 3)
+    rng = np.random.default_rng(15)
+    x = make(rng, (R, L), dtype, loc=7.0, spread=3.0)
+    dy = make(rng, (R, L), dtype)
+    weight, bias = group_params(rng, C)
+    ref = _group_outputs(x, dy, k, C, weight, bias, 1)
+    for n in (2, 3):
+        got = _group_outputs(x, dy, k, C, weight, bias, n)
+        for name in ref:
+            assert np.array_equal(got[name], ref[name]), f"{name}: fused and split ({n} threads) differ"
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("case", [(4, 20001, 2, 4), (4, 16411, 1, 2), (6, 10, 2, 3)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_constant(dtype, case, n_threads):
+    """A constant group (1.5e7: x - mean must be exact) has m2 == 0, mean == the value, and
+    normalises to exactly its bias (in the array type)."""
+    R, L, k, C = case
+    rng = np.random.default_rng(16)
+    x = make(rng, (R, L), dtype, loc=1.5e7, spread=3.0)
+    x[k:2 * k] = dtype(1.5e7)  # group 1
+    weight, bias = group_params(rng, C)
+    G = R // k
+    y = np.full_like(x, np.nan)
+    mean, m2, rstd = np.empty(G), np.empty(G), np.empty(G)
+    group_forward(x, y, k, C, weight, bias, EPS, mean, m2, rstd, n_threads)
+    assert mean[1] == 1.5e7 and m2[1] == 0.0 and rstd[1] == 1.0 / np.sqrt(EPS)
+    want = np.repeat(bias[rows_of(R, C)[k:2 * k]].astype(dtype)[:, None], L, axis=1)
+    assert np.array_equal(y[k:2 * k], want)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("case", [(4, 20001, 2, 4), (4, 16411, 1, 2), (6, 10, 2, 3)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_nan_confined(dtype, case, n_threads):
+    """NaN in group 1: its statistics, y, sum(dy * (x - mean)) and dx are NaN; every other
+    group's outputs are the bits of the same input without the NaN."""
+    R, L, k, C = case
+    rng = np.random.default_rng(17)
+    x = make(rng, (R, L), dtype, loc=2.0, spread=3.0)
+    dy = make(rng, (R, L), dtype)
+    weight, bias = group_params(rng, C)
+    xn = x.copy()
+    xn[k, L // 2] = np.nan
+    clean = _group_outputs(x, dy, k, C, weight, bias, n_threads)
+    with np.errstate(invalid="ignore"):
+        got = _group_outputs(xn, dy, k, C, weight, bias, n_threads)
+    rows = np.arange(k, 2 * k)
+    other_rows = np.setdiff1d(np.arange(R), rows)
+    other_groups = np.setdiff1d(np.arange(R // k), [1])
+    for name in ("mean", "m2", "rstd"):
+        assert np.isnan(got[name][1]), name
+        assert np.array_equal(got[name][other_groups], clean[name][other_groups]), name
+    for name in ("y", "dx", "sdyxc"):
+        assert np.all(np.isnan(got[name][rows])), name
+        assert np.array_equal(got[name][other_rows], clean[name][other_rows]), name
+    assert np.all(np.isfinite(got["y"][other_rows])) and np.all(np.isfinite(got["dx"][other_rows]))
+    assert np.array_equal(got["sdy"], clean["sdy"])  # sum(dy) does not involve x
 
 
 # ------------------------------------------------------------------------------ combine
@@ -388,16 +697,23 @@ def test_sum_groups(grouping):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_no_rows(dtype):
-    """R = 0: nothing to do, nothing raised; col_param_grads gives zero sums."""
+    """R = 0: nothing to do, nothing raised; layer_backward gives zero column sums."""
     x = np.empty((0, 5), dtype)
     e = np.empty(0)
     row_moments(x, e, e)
     row_grad_sums(x, x, e, 1, e, e)
     apply_rows(x, x.copy(), e, e, e, 1)
-    apply_cols(x, x.copy(), e, e, np.ones(5, dtype), None)
+    w = np.ones(5, dtype)
+    layer_forward(x, x.copy(), w, w, EPS, e, e)
+    layer_forward(x, x.copy(), None, None, EPS, e, e)
     dw, db = np.full(5, np.nan), np.full(5, np.nan)
-    col_param_grads(x, x, e, e, dw, db)
+    layer_backward(x, x, x.copy(), w, e, e, dw, db)
     assert np.array_equal(dw, np.zeros(5)) and np.array_equal(db, np.zeros(5))
+    layer_backward(x, x, x.copy(), None, e, e, None, None)
+    c = np.ones(2)
+    group_forward(x, x.copy(), 1, 2, c, c, EPS, e, e, e)
+    group_forward(x, x.copy(), 3, 2, c, c, EPS, e, e, e)
+    group_backward(x, x, x.copy(), 3, 2, c, e, e, e, e)
 
 
 # ---------------------------------------------------------------------- invalid arguments
@@ -406,7 +722,7 @@ def _invalid_calls():
     x = np.ones((6, 5))
     dy = np.ones((6, 5))
     r6, r5, r3, r4, r2 = np.ones(6), np.ones(5), np.ones(3), np.ones(4), np.ones(2)
-    c5 = np.ones(5)
+    c5, e0 = np.ones(5), np.ones(0)
     y = np.empty((6, 5))
     return {
         "moments: mean too short": lambda: row_moments(x, r5, r6),
@@ -427,17 +743,49 @@ def _invalid_calls():
         "apply_rows_backward: dy shape": lambda: apply_rows_backward(np.ones((6, 4)), x, y, r6, r6, r6, r6, 6),
         "apply_rows_backward: period": lambda: apply_rows_backward(dy, x, y, r4, r4, r4, r4, 4),
         "apply_rows_backward: short c": lambda: apply_rows_backward(dy, x, y, r3, r3, r3, r2, 3),
-        "apply_cols: y shape": lambda: apply_cols(x, np.empty((6, 4)), r6, r6, c5, c5),
-        "apply_cols: center length": lambda: apply_cols(x, y, r5, r6, c5, c5),
-        "apply_cols: weight length": lambda: apply_cols(x, y, r6, r6, r6, c5),
-        "apply_cols: bias length": lambda: apply_cols(x, y, r6, r6, c5, r6),
-        "apply_cols_backward: dy shape": lambda: apply_cols_backward(np.ones((6, 4)), x, y, r6, r6, r6, r6, c5),
-        "apply_cols_backward: c length": lambda: apply_cols_backward(dy, x, y, r6, r6, r6, r5, c5),
-        "apply_cols_backward: weight length": lambda: apply_cols_backward(dy, x, y, r6, r6, r6, r6, r6),
-        "col_param_grads: dy shape": lambda: col_param_grads(x, np.ones((5, 5)), r6, r6, c5, c5),
-        "col_param_grads: scale length": lambda: col_param_grads(x, dy, r6, r5, c5, c5),
-        "col_param_grads: dweight length": lambda: col_param_grads(x, dy, r6, r6, r6, c5),
-        "col_param_grads: dbias length": lambda: col_param_grads(x, dy, r6, r6, c5, r6),
+        "layer_forward: y shape": lambda: layer_forward(x, np.empty((6, 4)), c5, c5, EPS, r6, r6),
+        "layer_forward: y rows": lambda: layer_forward(x, np.empty((5, 5)), c5, c5, EPS, r6, r6),
+        "layer_forward: mean length": lambda: layer_forward(x, y, c5, c5, EPS, r5, r6),
+        "layer_forward: rstd length": lambda: layer_forward(x, y, c5, c5, EPS, r6, np.ones(7)),
+        "layer_forward: weight length": lambda: layer_forward(x, y, r6, c5, EPS, r6, r6),
+        "layer_forward: bias length": lambda: layer_forward(x, y, c5, r6, EPS, r6, r6),
+        "layer_forward: bias without weight": lambda: layer_forward(x, y, None, c5, EPS, r6, r6),
+        "layer_forward: L == 0": lambda: layer_forward(np.ones((2, 0)), np.ones((2, 0)), None, None, EPS, r2, r2),
+        "layer_forward: y dtype": lambda: layer_forward(x, np.empty((6, 5), np.float32), c5, c5, EPS, r6, r6),
+        "layer_forward: weight dtype": lambda: layer_forward(
+            np.ones((6, 5), np.float32), np.empty((6, 5), np.float32), c5, None, EPS, r6, r6),
+        "layer_backward: dy shape": lambda: layer_backward(x, np.ones((6, 4)), y, c5, r6, r6, c5, c5),
+        "layer_backward: dx shape": lambda: layer_backward(x, dy, np.empty((5, 5)), c5, r6, r6, c5, c5),
+        "layer_backward: weight length": lambda: layer_backward(x, dy, y, r6, r6, r6, c5, c5),
+        "layer_backward: mean length": lambda: layer_backward(x, dy, y, c5, r5, r6, c5, c5),
+        "layer_backward: rstd length": lambda: layer_backward(x, dy, y, c5, r6, r5, c5, c5),
+        "layer_backward: dweight length": lambda: layer_backward(x, dy, y, c5, r6, r6, r6, c5),
+        "layer_backward: dbias length": lambda: layer_backward(x, dy, y, c5, r6, r6, c5, r6),
+        "layer_backward: dweight without dbias": lambda: layer_backward(x, dy, y, c5, r6, r6, c5, None),
+        "layer_backward: dbias without dweight": lambda: layer_backward(x, dy, y, c5, r6, r6, None, c5),
+        "layer_backward: L == 0": lambda: layer_backward(
+            np.ones((2, 0)), np.ones((2, 0)), np.ones((2, 0)), None, r2, r2, None, None),
+        "group_forward: y shape": lambda: group_forward(x, np.empty((6, 4)), 2, 3, r3, r3, EPS, r3, r3, r3),
+        "group_forward: k does not divide R": lambda: group_forward(x, y, 4, 3, r3, r3, EPS, r2, r2, r2),
+        "group_forward: C does not divide R": lambda: group_forward(x, y, 2, 4, r4, r4, EPS, r3, r3, r3),
+        "group_forward: k == 0": lambda: group_forward(x, y, 0, 3, r3, r3, EPS, r3, r3, r3),
+        "group_forward: C == 0": lambda: group_forward(x, y, 2, 0, e0, e0, EPS, r3, r3, r3),
+        "group_forward: weight length": lambda: group_forward(x, y, 2, 3, r2, r3, EPS, r3, r3, r3),
+        "group_forward: bias length": lambda: group_forward(x, y, 2, 3, r3, r4, EPS, r3, r3, r3),
+        "group_forward: mean length": lambda: group_forward(x, y, 2, 3, r3, r3, EPS, r6, r3, r3),
+        "group_forward: m2 length": lambda: group_forward(x, y, 2, 3, r3, r3, EPS, r3, r2, r3),
+        "group_forward: rstd length": lambda: group_forward(x, y, 2, 3, r3, r3, EPS, r3, r3, r4),
+        "group_forward: L == 0": lambda: group_forward(
+            np.ones((2, 0)), np.ones((2, 0)), 1, 1, np.ones(1), np.ones(1), EPS, r2, r2, r2),
+        "group_backward: dy shape": lambda: group_backward(x, np.ones((6, 4)), y, 2, 3, r3, r3, r3, r6, r6),
+        "group_backward: dx shape": lambda: group_backward(x, dy, np.empty((3, 5)), 2, 3, r3, r3, r3, r6, r6),
+        "group_backward: k does not divide R": lambda: group_backward(x, dy, y, 4, 3, r3, r2, r2, r6, r6),
+        "group_backward: C does not divide R": lambda: group_backward(x, dy, y, 2, 4, r4, r3, r3, r6, r6),
+        "group_backward: weight length": lambda: group_backward(x, dy, y, 2, 3, r2, r3, r3, r6, r6),
+        "group_backward: mean length": lambda: group_backward(x, dy, y, 2, 3, r3, r2, r3, r6, r6),
+        "group_backward: rstd length": lambda: group_backward(x, dy, y, 2, 3, r3, r3, r4, r6, r6),
+        "group_backward: sdy length": lambda: group_backward(x, dy, y, 2, 3, r3, r3, r3, r3, r6),
+        "group_backward: sdyxc length": lambda: group_backward(x, dy, y, 2, 3, r3, r3, r3, r6, r5),
         "merge_moments: grouping mismatch": lambda: merge_moments(r6, r6, 3, 1, 4, 2, r2, r2),
         "merge_moments: output mismatch": lambda: merge_moments(r6, r6, 3, 1, 3, 2, r3, r3),
         "merge_moments: m2 length": lambda: merge_moments(r6, r5, 3, 1, 3, 2, r2, r2),
@@ -461,4 +809,13 @@ def test_shapes_cover_what_they_claim():
     """Guard against the shape lists drifting away from the cases they are meant to hit."""
     assert any(R * L >= PARALLEL_MIN and L > BLOCK and L % BLOCK for R, L in SHAPES)
     assert any(R * L >= PARALLEL_MIN and L < 4 for R, L in SHAPES)
-    assert any(R > 64 * ROW_CHUNK and L > COL_BLOCK and math.ceil(R / 64) > ROW_CHUNK for R, L in COL_SHAPES)
+    assert any(R >= 128 for R, L in LAYER_SHAPES)
+    assert any(R > MAX_CHUNKS * ROW_CHUNK and math.ceil(R / MAX_CHUNKS) > ROW_CHUNK for R, L in LAYER_SHAPES)
+    assert any(L == 1 for R, L in LAYER_SHAPES) and any(L > BLOCK for R, L in LAYER_SHAPES)
+    assert any(k == 1 for R, L, k, C in GROUP_CASES) and any(k > 1 and C != k for R, L, k, C in GROUP_CASES)
+    assert any(L % LANES and L > BLOCK for R, L, k, C in GROUP_CASES)
+    assert any(k * L > BLOCK and L < BLOCK for R, L, k, C in GROUP_CASES)
+    for n in GROUP_THREADS[1:]:
+        assert any(is_split(R, L, k, n) for R, L, k, C in GROUP_CASES)
+        assert any(R * L >= PARALLEL_MIN and not is_split(R, L, k, n) for R, L, k, C in GROUP_CASES)
+    assert all(R % k == 0 and R % C == 0 for R, L, k, C in GROUP_CASES + SPLIT_CASES)

@@ -1,0 +1,179 @@
+"""Fused reduce + apply for groups of consecutive rows (InstanceNorm: k = 1, GroupNorm: k = C/G).
+
+x is viewed as rows [R, L]; group g is rows g*k .. g*k+k-1, one contiguous run of k*L values;
+row r has channel r % C (its weight and bias).
+
+group_forward:  moments of each group, rstd = 1/sqrt(var + eps), then
+                y = (x - mean) * (rstd * weight[c]) + bias[c].
+group_backward: per-row sums(dy), sum(dy * (x - mean)) centered on the group mean, then
+                dx = rstd*w[c] * dy + b * (x - mean) + c with the group's b, c (row_ops.h).
+
+With enough groups each task is one group, done while it sits in cache: x (and dy) are read
+from memory once. With few groups (fewer than FUSED_MIN_GROUPS per thread) the same arithmetic
+runs as separate passes parallel over blocks. Both give the same bits (row_ops.h), so the
+choice, which depends on the thread count, never changes a result.
+"""
+import numpy as np
+from cython.parallel import prange
+
+from fused_types cimport floating
+from chunking cimport BLOCK, n_blocks, block_len, use_threads
+from blocks cimport (apply_backward, apply_forward, block_grad_sums, block_moments,
+                     merge_block_moments, nc_bwd_coeffs, nc_rstd)
+
+cdef extern from "row_ops.h" nogil:
+    void nc_group_forward_f32(const float* x, float* y, Py_ssize_t k, Py_ssize_t L, Py_ssize_t c0,
+                              Py_ssize_t C, const double* w, const double* bias, double eps,
+                              double* mean, double* m2, double* rstd)
+    void nc_group_forward_f64(const double* x, double* y, Py_ssize_t k, Py_ssize_t L, Py_ssize_t c0,
+                              Py_ssize_t C, const double* w, const double* bias, double eps,
+                              double* mean, double* m2, double* rstd)
+    void nc_group_backward_f32(const float* x, const float* dy, float* dx, Py_ssize_t k, Py_ssize_t L,
+                               Py_ssize_t c0, Py_ssize_t C, const double* w, double mean, double rstd,
+                               double* sdy, double* sdyxc)
+    void nc_group_backward_f64(const double* x, const double* dy, double* dx, Py_ssize_t k, Py_ssize_t L,
+                               Py_ssize_t c0, Py_ssize_t C, const double* w, double mean, double rstd,
+                               double* sdy, double* sdyxc)
+
+cdef enum:
+    # Fused (one task per group) when there are at least this many groups per thread.
+    FUSED_MIN_GROUPS = 4
+
+
+cdef inline bint _fused(int n_threads, bint par, Py_ssize_t G) noexcept nogil:
+    return not par or G >= FUSED_MIN_GROUPS * n_threads
+
+
+def _check(Py_ssize_t R, Py_ssize_t L, Py_ssize_t k, Py_ssize_t C, arrays, per_channel, per_group,
+           per_row=()):
+    if k < 1 or C < 1 or R % k != 0 or R % C != 0:
+        raise ValueError(f"k={k} and C={C} must divide the number of rows {R}")
+    for v in arrays:
+        if v.shape[0] != R or v.shape[1] != L:
+            raise ValueError(f"arrays must have the shape of x ({R}, {L})")
+    for v in per_channel:
+        if v.shape[0] != C:
+            raise ValueError(f"per-channel arrays must have {C} elements, got {v.shape[0]}")
+    for v in per_group:
+        if v.shape[0] != R // k:
+            raise ValueError(f"per-group arrays must have {R // k} elements, got {v.shape[0]}")
+    for v in per_row:
+        if v.shape[0] != R:
+            raise ValueError(f"per-row arrays must have {R} elements, got {v.shape[0]}")
+    if L == 0 and R > 0:
+        raise ValueError("groups need rows of at least one element")
+
+
+def group_forward(const floating[:, ::1] x,    # IN  [R, L]
+                  floating[:, ::1] y,          # OUT [R, L] (may be x itself)
+                  Py_ssize_t k,                # rows per group
+                  Py_ssize_t C,                # channels: row r has channel r % C
+                  const double[::1] weight,    # IN  [C]
+                  const double[::1] bias,      # IN  [C]
+                  double eps,
+                  double[::1] mean,            # OUT [R // k]
+                  double[::1] m2,              # OUT [R // k] sum of squared deviations
+                  double[::1] rstd,            # OUT [R // k] 1 / sqrt(m2 / (k*L) + eps)
+                  int n_threads=1):
+    """Normalise each group of k rows with its own statistics; per-channel affine."""
+    cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
+    cdef Py_ssize_t G, n, nb, g, t, b, r, p
+    cdef double[:, ::1] parts
+    cdef bint par = use_threads(n_threads, R * L)
+    _check(R, L, k, C, (x, y), (weight, bias), (mean, m2, rstd))
+    if R == 0:
+        return
+    G = R // k
+    n = k * L
+    if _fused(n_threads, par, G):
+        for g in prange(G, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
+            if floating is float:
+                nc_group_forward_f32(&x[g * k, 0], &y[g * k, 0], k, L, g * k, C, &weight[0], &bias[0],
+                                     eps, &mean[g], &m2[g], &rstd[g])
+            else:
+                nc_group_forward_f64(&x[g * k, 0], &y[g * k, 0], k, L, g * k, C, &weight[0], &bias[0],
+                                     eps, &mean[g], &m2[g], &rstd[g])
+        return
+    nb = n_blocks(n)
+    parts = np.empty((G * nb, 2), dtype=np.float64)
+    with nogil:
+        for t in prange(G * nb, num_threads=n_threads, use_threads_if=par, schedule="static"):
+            g = t // nb
+            b = t - g * nb
+            block_moments(&x[0, 0] + g * n + b * BLOCK, block_len(n, b), &parts[t, 0], &parts[t, 1])
+        for g in range(G):
+            merge_block_moments(&parts[g * nb, 0], nb, n, BLOCK, &mean[g], &m2[g])
+            rstd[g] = nc_rstd(m2[g], <double>n, eps)
+        nb = n_blocks(L)
+        for t in prange(R * nb, num_threads=n_threads, use_threads_if=par, schedule="static"):
+            r = t // nb
+            b = t - r * nb
+            g = r // k
+            p = r % C
+            apply_forward(&x[r, b * BLOCK], &y[r, b * BLOCK], block_len(L, b), mean[g],
+                          rstd[g] * weight[p], bias[p])
+
+
+def group_backward(const floating[:, ::1] x,    # IN  [R, L]
+                   const floating[:, ::1] dy,   # IN  [R, L]
+                   floating[:, ::1] dx,         # OUT [R, L] (may be dy itself)
+                   Py_ssize_t k,
+                   Py_ssize_t C,
+                   const double[::1] weight,    # IN  [C]
+                   const double[::1] mean,      # IN  [R // k] the forward's group means
+                   const double[::1] rstd,      # IN  [R // k]
+                   double[::1] sdy,             # OUT [R] per-row sum(dy)
+                   double[::1] sdyxc,           # OUT [R] per-row sum(dy * (x - mean))
+                   int n_threads=1):
+    """dx of group_forward (statistics of the groups themselves), and the per-row sums."""
+    cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
+    cdef Py_ssize_t G, nb, g, t, b, r, j, p
+    cdef double[:, ::1] parts
+    cdef double[::1] gb, gc
+    cdef double s, u, s1, s2
+    cdef bint par = use_threads(n_threads, R * L)
+    _check(R, L, k, C, (x, dy, dx), (weight,), (mean, rstd), (sdy, sdyxc))
+    if R == 0:
+        return
+    G = R // k
+    if _fused(n_threads, par, G):
+        for g in prange(G, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
+            if floating is float:
+                nc_group_backward_f32(&x[g * k, 0], &dy[g * k, 0], &dx[g * k, 0], k, L, g * k, C,
+                                      &weight[0], mean[g], rstd[g], &sdy[g * k], &sdyxc[g * k])
+            else:
+                nc_group_backward_f64(&x[g * k, 0], &dy[g * k, 0], &dx[g * k, 0], k, L, g * k, C,
+                                      &weight[0], mean[g], rstd[g], &sdy[g * k], &sdyxc[g * k])
+        return
+    nb = n_blocks(L)
+    parts = np.empty((R * nb, 2), dtype=np.float64)
+    gb = np.empty(G)
+    gc = np.empty(G)
+    with nogil:
+        for t in prange(R * nb, num_threads=n_threads, use_threads_if=par, schedule="static"):
+            r = t // nb
+            b = t - r * nb
+            block_grad_sums(&x[r, b * BLOCK], &dy[r, b * BLOCK], block_len(L, b), mean[r // k],
+                            &parts[t, 0], &parts[t, 1])
+        for g in range(G):
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(k):
+                r = g * k + j
+                s = parts[r * nb, 0]
+                u = parts[r * nb, 1]
+                for b in range(1, nb):
+                    s = s + parts[r * nb + b, 0]
+                    u = u + parts[r * nb + b, 1]
+                sdy[r] = s
+                sdyxc[r] = u
+                s1 = s1 + weight[r % C] * s
+                s2 = s2 + weight[r % C] * u
+            nc_bwd_coeffs(rstd[g], s1, s2, <double>(k * L), &gb[g], &gc[g])
+        for t in prange(R * nb, num_threads=n_threads, use_threads_if=par, schedule="static"):
+            r = t // nb
+            b = t - r * nb
+            g = r // k
+            p = r % C
+            apply_backward(&dy[r, b * BLOCK], &x[r, b * BLOCK], &dx[r, b * BLOCK], block_len(L, b),
+                           mean[g], rstd[g] * weight[p], gb[g], gc[g])

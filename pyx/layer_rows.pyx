@@ -1,0 +1,139 @@
+"""LayerNorm, fused per row: statistics over each row of [R, L] and a per-column affine.
+
+layer_forward:  per row, moments, rstd = 1/sqrt(var + eps), then
+                y[j] = (x[j] - mean) * rstd * weight[j] + bias[j], while the row is in cache.
+layer_backward: per row, sums of g = weight * dy centered on the row mean, then
+                dx = rstd * g + b * (x - mean) + c (row_ops.h), and in the same pass the column
+                sums dweight[j] = sum_r dy * (x - mean_r) * rstd_r, dbias[j] = sum_r dy.
+
+x and dy are read from memory once. The column sums run over fixed chunks of rows (their size
+depends only on R), each chunk's partial sums kept apart and added in chunk order: bitwise
+identical for any thread count.
+"""
+import numpy as np
+from cython.parallel import prange
+
+from fused_types cimport floating
+from chunking cimport ROW_CHUNK, use_threads
+
+cdef extern from "row_ops.h" nogil:
+    void nc_layer_forward_f32(const float* x, float* y, Py_ssize_t L, const float* w, const float* bias,
+                              double eps, double* mean, double* rstd)
+    void nc_layer_forward_f64(const double* x, double* y, Py_ssize_t L, const double* w, const double* bias,
+                              double eps, double* mean, double* rstd)
+    void nc_layer_backward_f32(const float* x, const float* dy, float* dx, Py_ssize_t r0, Py_ssize_t r1,
+                               Py_ssize_t L, const float* w, const double* mean, const double* rstd,
+                               double* acc_w, double* acc_b)
+    void nc_layer_backward_f64(const double* x, const double* dy, double* dx, Py_ssize_t r0, Py_ssize_t r1,
+                               Py_ssize_t L, const double* w, const double* mean, const double* rstd,
+                               double* acc_w, double* acc_b)
+
+cdef enum:
+    # The column sums of the backward use at most this many row chunks.
+    MAX_CHUNKS = 64
+
+
+def _check(Py_ssize_t R, Py_ssize_t L, arrays, per_row, per_col):
+    for v in arrays:
+        if v.shape[0] != R or v.shape[1] != L:
+            raise ValueError(f"arrays must have the shape of x ({R}, {L})")
+    for v in per_row:
+        if v.shape[0] != R:
+            raise ValueError(f"per-row arrays must have {R} elements, got {v.shape[0]}")
+    for v in per_col:
+        if v is not None and v.shape[0] != L:
+            raise ValueError(f"per-column arrays must have {L} elements, got {v.shape[0]}")
+    if L == 0 and R > 0:
+        raise ValueError("LayerNorm needs rows of at least one element")
+
+
+def layer_forward(const floating[:, ::1] x,   # IN  [R, L]
+                  floating[:, ::1] y,         # OUT [R, L] (may be x itself)
+                  const floating[::1] weight, # IN  [L] or None (no affine)
+                  const floating[::1] bias,   # IN  [L] or None (no shift); needs weight
+                  double eps,
+                  double[::1] mean,           # OUT [R]
+                  double[::1] rstd,           # OUT [R]
+                  int n_threads=1):
+    """y = (x - mean) * rstd * weight + bias per row."""
+    cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
+    cdef Py_ssize_t r
+    cdef const floating* w = NULL
+    cdef const floating* b = NULL
+    cdef bint par = use_threads(n_threads, R * L)
+    _check(R, L, (x, y), (mean, rstd), (weight, bias))
+    if bias is not None and weight is None:
+        raise ValueError("bias needs a weight (pass ones)")
+    if R == 0:
+        return
+    if weight is not None:
+        w = &weight[0]
+    if bias is not None:
+        b = &bias[0]
+    for r in prange(R, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
+        if floating is float:
+            nc_layer_forward_f32(&x[r, 0], &y[r, 0], L, w, b, eps, &mean[r], &rstd[r])
+        else:
+            nc_layer_forward_f64(&x[r, 0], &y[r, 0], L, w, b, eps, &mean[r], &rstd[r])
+
+
+def layer_backward(const floating[:, ::1] x,    # IN  [R, L]
+                   const floating[:, ::1] dy,   # IN  [R, L]
+                   floating[:, ::1] dx,         # OUT [R, L] (may be dy itself)
+                   const floating[::1] weight,  # IN  [L] or None
+                   const double[::1] mean,      # IN  [R] the forward's row means
+                   const double[::1] rstd,      # IN  [R]
+                   double[::1] dweight,         # OUT [L] or None (not wanted)
+                   double[::1] dbias,           # OUT [L] or None together with dweight
+                   int n_threads=1):
+    """dx of layer_forward and, when asked, the weight and bias gradients."""
+    cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
+    cdef Py_ssize_t rows_per_chunk, nch, ch, r0, r1, j
+    cdef double[:, :, ::1] parts
+    cdef double sw, sb
+    cdef const floating* w = NULL
+    cdef bint want = dweight is not None
+    cdef bint par = use_threads(n_threads, R * L)
+    _check(R, L, (x, dy, dx), (mean, rstd), (weight, dweight, dbias))
+    if want != (dbias is not None):
+        raise ValueError("dweight and dbias come together")
+    if want and R == 0:
+        dweight[:] = 0.0
+        dbias[:] = 0.0
+    if R == 0:
+        return
+    if weight is not None:
+        w = &weight[0]
+    # At most MAX_CHUNKS chunks of at least ROW_CHUNK rows, whatever the thread count: the
+    # partial column sums stay small next to x (nch * 2 * L doubles <= 1/16 of x in float32).
+    rows_per_chunk = max(<Py_ssize_t>ROW_CHUNK, (R + MAX_CHUNKS - 1) // MAX_CHUNKS)
+    nch = (R + rows_per_chunk - 1) // rows_per_chunk
+    if want and nch == 1:
+        # One chunk: its sums are the result; no buffer.
+        if floating is float:
+            nc_layer_backward_f32(&x[0, 0], &dy[0, 0], &dx[0, 0], 0, R, L, w, &mean[0], &rstd[0],
+                                  &dweight[0], &dbias[0])
+        else:
+            nc_layer_backward_f64(&x[0, 0], &dy[0, 0], &dx[0, 0], 0, R, L, w, &mean[0], &rstd[0],
+                                  &dweight[0], &dbias[0])
+        return
+    parts = np.empty((nch if want else 1, 2, L), dtype=np.float64)
+    for ch in prange(nch, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
+        r0 = ch * rows_per_chunk
+        r1 = min(r0 + rows_per_chunk, R)
+        if floating is float:
+            nc_layer_backward_f32(&x[0, 0], &dy[0, 0], &dx[0, 0], r0, r1, L, w, &mean[0], &rstd[0],
+                                  &parts[ch, 0, 0] if want else NULL, &parts[ch, 1, 0] if want else NULL)
+        else:
+            nc_layer_backward_f64(&x[0, 0], &dy[0, 0], &dx[0, 0], r0, r1, L, w, &mean[0], &rstd[0],
+                                  &parts[ch, 0, 0] if want else NULL, &parts[ch, 1, 0] if want else NULL)
+    if not want:
+        return
+    for j in prange(L, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
+        sw = parts[0, 0, j]
+        sb = parts[0, 1, j]
+        for ch in range(1, nch):
+            sw = sw + parts[ch, 0, j]
+            sb = sb + parts[ch, 1, j]
+        dweight[j] = sw
+        dbias[j] = sb
