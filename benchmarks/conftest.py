@@ -1,27 +1,13 @@
-import numpy as np
 import pytest
 
-import normcore as nc
+from normcore.bench import peers, runner
+
+THREADS = runner.default_threads()  # 1 and all cores
 
 
-@pytest.fixture(params=[1, 2], ids=lambda n: f"threads={n}")
+@pytest.fixture(params=THREADS, ids=lambda n: f"threads={n}")
 def threads(request):
-    """Run normcore and PyTorch at the same thread count."""
-    n = request.param
-    nc.set_num_threads(n)
-    try:
-        import torch
-
-        old = torch.get_num_threads()
-        torch.set_num_threads(n)
-    except ImportError:
-        torch = None
-    yield n
-    nc.set_num_threads(None)
-    if torch is not None:
-        torch.set_num_threads(old)
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(0)
+    """Every implementation at the same thread count (normcore, torch, ONNX Runtime sessions
+    made inside the test, NumPy's BLAS); the previous settings come back afterwards."""
+    with peers.set_threads(request.param) as n:
+        yield n

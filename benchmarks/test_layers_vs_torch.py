@@ -1,73 +1,31 @@
-"""Forward and forward + backward of each layer: normcore next to PyTorch (CPU), same thread
-count, same input. Read as a comparison with
+"""Every layer, mode and shape of the benchmark matrix (normcore.bench.cases) with every
+implementation (normcore.bench.peers: normcore, torch, onnxruntime, numpy) at 1 thread and at
+all cores, the same input for all. Read as a comparison with
 
     pytest benchmarks/ --benchmark-only --benchmark-group-by=group
 
-(CI runs this file with --benchmark-disable, which runs each body once: the harness is tested.)
+An implementation that is not installed, or that does not do a mode (ONNX Runtime has no
+training), is skipped with the reason. CI runs the suite with --benchmark-disable, which runs
+each body once so that the harness is tested (about a minute on 2 cores, the whole matrix).
+`python -m normcore bench` times the same matrix with its own runner and reports GB/s.
 """
 import numpy as np
 import pytest
 
-import normcore as nc
+from normcore.bench import cases, peers
 
-torch = pytest.importorskip("torch")
-
-LAYERS = {
-    "batch_norm2d": (lambda C: nc.BatchNorm2d(C), lambda C: torch.nn.BatchNorm2d(C)),
-    "instance_norm2d": (lambda C: nc.InstanceNorm2d(C, affine=True), lambda C: torch.nn.InstanceNorm2d(C, affine=True)),
-    "group_norm": (lambda C: nc.GroupNorm(8 if C % 8 == 0 else 1, C), lambda C: torch.nn.GroupNorm(8 if C % 8 == 0 else 1, C)),
-    "layer_norm": (lambda C: nc.LayerNorm(C), lambda C: torch.nn.LayerNorm(C)),
-    "local_response_norm": (lambda C: nc.LocalResponseNorm(5), lambda C: torch.nn.LocalResponseNorm(5)),
-}
-SHAPES = {
-    "batch_norm2d": [(2, 3, 4, 4), (32, 64, 56, 56), (32, 256, 14, 14)],
-    "instance_norm2d": [(2, 3, 4, 4), (32, 64, 56, 56), (32, 256, 14, 14)],
-    "group_norm": [(2, 8, 4, 4), (32, 64, 56, 56), (32, 256, 14, 14)],
-    "layer_norm": [(8192, 768)],
-    "local_response_norm": [(2, 3, 4, 4), (16, 96, 27, 29)],
-}
-CASES = [(layer, shape) for layer in LAYERS for shape in SHAPES[layer]]
+CASES = cases.all_cases()
 
 
-def _setup(layer, shape, impl, rng):
-    x = rng.standard_normal(shape, dtype=np.float32)
-    C = shape[-1] if layer == "layer_norm" else shape[1]
-    make_nc, make_torch = LAYERS[layer]
-    if impl == "normcore":
-        return make_nc(C), x
-    return make_torch(C), torch.from_numpy(x)
-
-
-@pytest.mark.parametrize("impl", ["normcore", "torch"])
-@pytest.mark.parametrize("layer,shape", CASES, ids=[f"{l}-{'x'.join(map(str, s))}" for l, s in CASES])
-def test_forward_train(benchmark, threads, rng, layer, shape, impl):
-    benchmark.group = f"forward {layer} {shape} threads={threads}"
-    m, x = _setup(layer, shape, impl, rng)
-    if impl == "torch":
-        with torch.no_grad():
-            benchmark(m, x)
-    else:
-        benchmark(m, x)
-
-
-@pytest.mark.parametrize("impl", ["normcore", "torch"])
-@pytest.mark.parametrize("layer,shape", CASES, ids=[f"{l}-{'x'.join(map(str, s))}" for l, s in CASES])
-def test_forward_backward(benchmark, threads, rng, layer, shape, impl):
-    benchmark.group = f"forward+backward {layer} {shape} threads={threads}"
-    m, x = _setup(layer, shape, impl, rng)
-    if impl == "torch":
-        x.requires_grad_(True)
-        dy = torch.ones(shape)
-
-        def step():
-            x.grad = None
-            m.zero_grad(set_to_none=True)
-            m(x).backward(dy)
-    else:
-        dy = np.ones(shape, np.float32)
-
-        def step():
-            m(x)
-            m.backward(dy)
-
-    benchmark(step)
+@pytest.mark.parametrize("impl", peers.IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.layer}-{c.mode}-{'x'.join(map(str, c.shape))}" for c in CASES])
+def test_layer(benchmark, threads, case, impl):
+    if not peers.supports(impl, case.layer, case.mode):
+        pytest.skip(f"{impl} does not run {case.layer} in mode {case.mode}")
+    reason = peers.unavailable_reason(impl)
+    if reason is not None:
+        pytest.skip(reason)
+    benchmark.group = f"{case.layer} {case.mode} {case.shape} threads={threads}"
+    benchmark.extra_info["traffic_bytes"] = case.traffic_bytes()
+    fn = peers.make(impl, case.layer, case.mode, case.shape, np.float32, np.random.default_rng(0))
+    benchmark(fn)

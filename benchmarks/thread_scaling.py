@@ -22,6 +22,8 @@ except ImportError:  # pragma: no cover - torch is optional
 def cases():
     from normcore.plugins.switchable import SwitchableNorm2d
 
+    from normcore.bench.peers import torch_switchable_norm
+
     yield "batch_norm2d", (32, 64, 56, 56), lambda: nc.BatchNorm2d(64), lambda: torch.nn.BatchNorm2d(64)
     yield "instance_norm2d", (32, 64, 56, 56), lambda: nc.InstanceNorm2d(64, affine=True), \
         lambda: torch.nn.InstanceNorm2d(64, affine=True)
@@ -29,7 +31,8 @@ def cases():
     yield "layer_norm", (8192, 768), lambda: nc.LayerNorm(768), lambda: torch.nn.LayerNorm(768)
     yield "local_response_norm", (16, 96, 27, 29), lambda: nc.LocalResponseNorm(5), \
         lambda: torch.nn.LocalResponseNorm(5)
-    yield "switchable_norm2d", (24, 96, 40, 40), lambda: SwitchableNorm2d(96), None
+    yield "switchable_norm2d", (24, 96, 40, 40), lambda: SwitchableNorm2d(96), \
+        lambda: torch_switchable_norm()(96)  # the released algorithm, transcribed
 
 
 def best(f, repeats):
