@@ -18,6 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
+from normcore._kernels.channels import channel_forward
 from normcore._kernels.combine import merge_moments, sum_groups
 from normcore._kernels.grad_sums import row_grad_sums
 from normcore._kernels.groups import group_backward, group_forward
@@ -139,18 +140,14 @@ def forward(x, grouping, weight, bias, eps, n_threads, stats=None):
         rows = (mean, m2) if g.k == 1 else (None, None)
         saved = Saved(x2, x.shape, g, mean, rstd, w, True)
         return y2.reshape(x.shape), saved, BatchStats(*rows, mean, m2)
+    # Per channel (BatchNorm; InstanceNorm with running statistics in eval): one kernel call.
     if stats is None:
-        batch = moments(x2, g, n_threads)
-        mean = batch.mean
-        var = batch.m2 / (g.k * g.L)
+        mean, m2 = np.empty(g.C), np.empty(g.C)
     else:
-        batch = None
-        mean, var = (np.asarray(s, dtype=np.float64) for s in stats)
-    rstd = 1.0 / np.sqrt(np.maximum(var, 0.0) + eps)
-    center = g.group_to_rows(mean)
-    scale = g.group_to_rows(rstd) * g.channel_to_rows(w)
-    shift = g.channel_to_rows(_f64(bias, g.C, 0.0))
-    apply_rows(x2, y2, center, scale, shift, g.period, n_threads)
+        mean, m2 = (np.array(s, dtype=np.float64) for s in stats)  # given mean and variance
+    rstd = np.empty(g.C)
+    channel_forward(x2, y2, g.C, w, _f64(bias, g.C, 0.0), eps, mean, m2, rstd, stats is None, n_threads)
+    batch = BatchStats(None, None, mean, m2) if stats is None else None
     saved = Saved(x2, x.shape, g, mean, rstd, w, stats is None)
     return y2.reshape(x.shape), saved, batch
 

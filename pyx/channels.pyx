@@ -1,0 +1,95 @@
+"""BatchNorm's forward in one call: statistics per channel over (N, *spatial), then the apply.
+
+x is viewed as rows [R, L], R = N*C, row r = (n, c) with c = r % C. With batch statistics:
+per-row moments (blocks merged in order, parallel over rows and blocks), merged per channel
+over n in order with the exact two-pass formula (every row has L values):
+    mean_c = sum_n mean_(n,c) / N,  M2_c = sum_n M2_(n,c) + L * sum_n (mean_(n,c) - mean_c)^2.
+With given statistics (running mean and var), those. Then rstd = 1/sqrt(max(var, 0) + eps) and
+y = (x - mean_c) * (rstd_c * weight_c) + bias_c. Everything between the two passes over x is
+done here, in C, so that a tiny input costs one Python call (no NumPy temporaries), and the
+row buffers of an input with few rows live on the stack.
+"""
+import numpy as np
+from cython.parallel import prange
+from libc.stdlib cimport free, malloc
+
+from fused_types cimport floating
+from chunking cimport BLOCK, n_blocks, block_len, use_threads
+from blocks cimport apply_forward, block_moments, merge_block_moments, nc_rstd
+
+cdef enum:
+    STACK_ROWS = 256   # row statistics of at most this many rows stay on the stack
+
+
+def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
+                    floating[:, ::1] y,         # OUT [R, L] (may be x itself)
+                    Py_ssize_t C,
+                    const double[::1] weight,   # IN  [C]
+                    const double[::1] bias,     # IN  [C]
+                    double eps,
+                    double[::1] mean,           # OUT [C] batch mean, or IN: the given mean
+                    double[::1] m2,             # OUT [C] batch M2, or IN: the given variance
+                    double[::1] rstd,           # OUT [C]
+                    bint batch_stats,
+                    int n_threads=1):
+    """Normalise per channel; batch_stats False: mean and m2 hold the given mean and variance."""
+    cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
+    cdef Py_ssize_t N, nb, t, r, b, c, n
+    cdef double s, q, d
+    cdef double stack_buf[2 * STACK_ROWS]
+    cdef double* rows = stack_buf
+    cdef double[:, ::1] parts
+    cdef bint par = use_threads(n_threads, R * L)
+    if C < 1 or R % C != 0:
+        raise ValueError(f"C={C} must divide the number of rows {R}")
+    if y.shape[0] != R or y.shape[1] != L:
+        raise ValueError("y must have the shape of x")
+    if (weight.shape[0] != C or bias.shape[0] != C or mean.shape[0] != C or m2.shape[0] != C
+            or rstd.shape[0] != C):
+        raise ValueError(f"per-channel arrays must have {C} elements")
+    if R == 0 or L == 0:
+        return
+    N = R // C
+    nb = n_blocks(L)
+    if batch_stats:
+        if R > STACK_ROWS:
+            rows = <double*>malloc(2 * R * sizeof(double))
+            if rows == NULL:
+                raise MemoryError()
+        try:
+            if nb == 1:
+                for r in prange(R, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
+                    block_moments(&x[r, 0], L, &rows[2 * r], &rows[2 * r + 1])
+            else:
+                parts = np.empty((R * nb, 2), dtype=np.float64)
+                for t in prange(R * nb, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
+                    r = t // nb
+                    b = t - r * nb
+                    block_moments(&x[r, b * BLOCK], block_len(L, b), &parts[t, 0], &parts[t, 1])
+                for r in prange(R, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
+                    merge_block_moments(&parts[r * nb, 0], nb, L, BLOCK, &rows[2 * r], &rows[2 * r + 1])
+            with nogil:
+                for c in range(C):
+                    s = 0.0
+                    for n in range(N):
+                        s = s + rows[2 * (n * C + c)]
+                    s = s / N
+                    q = 0.0
+                    d = 0.0
+                    for n in range(N):
+                        q = q + rows[2 * (n * C + c) + 1]
+                        d = d + (rows[2 * (n * C + c)] - s) * (rows[2 * (n * C + c)] - s)
+                    mean[c] = s
+                    m2[c] = q + L * d
+                    rstd[c] = nc_rstd(m2[c], <double>(N * L), eps)
+        finally:
+            if rows != stack_buf:
+                free(rows)
+    else:
+        for c in range(C):
+            rstd[c] = nc_rstd(m2[c], 1.0, eps)
+    for t in prange(R * nb, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
+        r = t // nb
+        b = t - r * nb
+        c = r % C
+        apply_forward(&x[r, b * BLOCK], &y[r, b * BLOCK], block_len(L, b), mean[c], rstd[c] * weight[c], bias[c])
