@@ -2,8 +2,8 @@
 
 x is viewed as rows [R, L], R = N*C, row r = (n, c) with c = r % C. With batch statistics:
 per-row moments (blocks merged in order, parallel over rows and blocks), merged per channel
-over n in order with the exact two-pass formula (every row has L values):
-    mean_c = sum_n mean_(n,c) / N,  M2_c = sum_n M2_(n,c) + L * sum_n (mean_(n,c) - mean_c)^2.
+over n in order with Chan's formula (row_ops.h nc_merge_step), which keeps a constant channel
+exact: equal row means merge with delta = 0.
 With given statistics (running mean and var), those. Then rstd = 1/sqrt(max(var, 0) + eps) and
 y = (x - mean_c) * (rstd_c * weight_c) + bias_c. Everything between the two passes over x is
 done here, in C, so that a tiny input costs one Python call (no NumPy temporaries), and the
@@ -15,7 +15,7 @@ from libc.stdlib cimport free, malloc
 
 from fused_types cimport floating
 from chunking cimport BLOCK, n_blocks, block_len, use_threads
-from blocks cimport apply_forward, block_moments, merge_block_moments, nc_rstd
+from blocks cimport apply_forward, block_moments, merge_block_moments, nc_merge_step, nc_rstd
 
 cdef enum:
     STACK_ROWS = 256   # row statistics of at most this many rows stay on the stack
@@ -70,18 +70,14 @@ def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
                     merge_block_moments(&parts[r * nb, 0], nb, L, BLOCK, &rows[2 * r], &rows[2 * r + 1])
             with nogil:
                 for c in range(C):
-                    s = 0.0
-                    for n in range(N):
-                        s = s + rows[2 * (n * C + c)]
-                    s = s / N
-                    q = 0.0
                     d = 0.0
+                    s = 0.0
+                    q = 0.0
                     for n in range(N):
-                        q = q + rows[2 * (n * C + c) + 1]
-                        d = d + (rows[2 * (n * C + c)] - s) * (rows[2 * (n * C + c)] - s)
+                        nc_merge_step(&d, &s, &q, <double>L, rows[2 * (n * C + c)], rows[2 * (n * C + c) + 1])
                     mean[c] = s
-                    m2[c] = q + L * d
-                    rstd[c] = nc_rstd(m2[c], <double>(N * L), eps)
+                    m2[c] = q
+                    rstd[c] = nc_rstd(q, <double>(N * L), eps)
         finally:
             if rows != stack_buf:
                 free(rows)

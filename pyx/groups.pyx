@@ -28,6 +28,12 @@ cdef extern from "row_ops.h" nogil:
     void nc_group_forward_f64(const double* x, double* y, Py_ssize_t k, Py_ssize_t L, Py_ssize_t c0,
                               Py_ssize_t C, const double* w, const double* bias, double eps,
                               double* mean, double* m2, double* rstd)
+    void nc_groups_forward_f32(const float* x, float* y, Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t k,
+                               Py_ssize_t L, Py_ssize_t C, const double* w, const double* bias, double eps,
+                               double* mean, double* m2, double* rstd)
+    void nc_groups_forward_f64(const double* x, double* y, Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t k,
+                               Py_ssize_t L, Py_ssize_t C, const double* w, const double* bias, double eps,
+                               double* mean, double* m2, double* rstd)
     void nc_group_backward_f32(const float* x, const float* dy, float* dx, Py_ssize_t k, Py_ssize_t L,
                                Py_ssize_t c0, Py_ssize_t C, const double* w, double mean, double rstd,
                                double* sdy, double* sdyxc)
@@ -77,7 +83,7 @@ def group_forward(const floating[:, ::1] x,    # IN  [R, L]
                   int n_threads=1):
     """Normalise each group of k rows with its own statistics; per-channel affine."""
     cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
-    cdef Py_ssize_t G, n, nb, g, t, b, r, p
+    cdef Py_ssize_t G, n, nb, g, t, b, r, p, nt
     cdef double[:, ::1] parts
     cdef bint par = use_threads(n_threads, R * L)
     _check(R, L, k, C, (x, y), (weight, bias), (mean, m2, rstd))
@@ -86,13 +92,16 @@ def group_forward(const floating[:, ::1] x,    # IN  [R, L]
     G = R // k
     n = k * L
     if _fused(n_threads, par, G):
-        for g in prange(G, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
+        # One contiguous range of groups per thread, pipelined (row_ops.h): the ranges change
+        # no result, only which thread computes it.
+        nt = n_threads if par else 1
+        for t in prange(nt, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
             if floating is float:
-                nc_group_forward_f32(&x[g * k, 0], &y[g * k, 0], k, L, g * k, C, &weight[0], &bias[0],
-                                     eps, &mean[g], &m2[g], &rstd[g])
+                nc_groups_forward_f32(&x[0, 0], &y[0, 0], G * t // nt, G * (t + 1) // nt, k, L, C,
+                                      &weight[0], &bias[0], eps, &mean[0], &m2[0], &rstd[0])
             else:
-                nc_group_forward_f64(&x[g * k, 0], &y[g * k, 0], k, L, g * k, C, &weight[0], &bias[0],
-                                     eps, &mean[g], &m2[g], &rstd[g])
+                nc_groups_forward_f64(&x[0, 0], &y[0, 0], G * t // nt, G * (t + 1) // nt, k, L, C,
+                                      &weight[0], &bias[0], eps, &mean[0], &m2[0], &rstd[0])
         return
     nb = n_blocks(n)
     parts = np.empty((G * nb, 2), dtype=np.float64)

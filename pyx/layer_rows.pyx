@@ -21,6 +21,10 @@ cdef extern from "row_ops.h" nogil:
                               double eps, double* mean, double* rstd)
     void nc_layer_forward_f64(const double* x, double* y, Py_ssize_t L, const double* w, const double* bias,
                               double eps, double* mean, double* rstd)
+    void nc_layers_forward_f32(const float* x, float* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
+                               const float* w, const float* bias, double eps, double* mean, double* rstd)
+    void nc_layers_forward_f64(const double* x, double* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
+                               const double* w, const double* bias, double eps, double* mean, double* rstd)
     void nc_layer_backward_f32(const float* x, const float* dy, float* dx, Py_ssize_t r0, Py_ssize_t r1,
                                Py_ssize_t L, const float* w, const double* mean, const double* rstd,
                                double* acc_w, double* acc_b)
@@ -57,7 +61,7 @@ def layer_forward(const floating[:, ::1] x,   # IN  [R, L]
                   int n_threads=1):
     """y = (x - mean) * rstd * weight + bias per row."""
     cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
-    cdef Py_ssize_t r
+    cdef Py_ssize_t t, nt
     cdef const floating* w = NULL
     cdef const floating* b = NULL
     cdef bint par = use_threads(n_threads, R * L)
@@ -70,11 +74,16 @@ def layer_forward(const floating[:, ::1] x,   # IN  [R, L]
         w = &weight[0]
     if bias is not None:
         b = &bias[0]
-    for r in prange(R, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
+    # One contiguous range of rows per thread, pipelined (row_ops.h): the ranges change no
+    # result, only which thread computes it.
+    nt = n_threads if par else 1
+    for t in prange(nt, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
         if floating is float:
-            nc_layer_forward_f32(&x[r, 0], &y[r, 0], L, w, b, eps, &mean[r], &rstd[r])
+            nc_layers_forward_f32(&x[0, 0], &y[0, 0], R * t // nt, R * (t + 1) // nt, L, w, b, eps,
+                                  &mean[0], &rstd[0])
         else:
-            nc_layer_forward_f64(&x[r, 0], &y[r, 0], L, w, b, eps, &mean[r], &rstd[r])
+            nc_layers_forward_f64(&x[0, 0], &y[0, 0], R * t // nt, R * (t + 1) // nt, L, w, b, eps,
+                                  &mean[0], &rstd[0])
 
 
 def layer_backward(const floating[:, ::1] x,    # IN  [R, L]

@@ -115,32 +115,39 @@ NC_INLINE void nc_bwd_coeffs(double rstd, double s1, double s2, double M, double
  * accumulator j holds lanes 4j .. 4j+3 (elements i + 4j .. i + 4j + 3 of each step of 16); the
  * tail (n % 16 elements) goes to lanes 0 .. in order; the lanes are folded in a fixed tree. The
  * baseline and AVX2 versions therefore do the same operations on the same values. */
-#define NC_BLOCK_SUMS(T, SFX, ISA, ATTR, VT, LOAD, SET1, ZERO, ADD, SUB, MUL, STORE)             \
-ATTR void nc_blk_moments_##ISA##_##SFX(const T *x, ptrdiff_t n, double *mean, double *m2)      \
+/* The lanes of one block's moments while it is being summed (it may be summed in pieces: the
+ * pipelined kernels interleave it with the apply of the previous group). */
+typedef struct {
+    double k;              /* the shift: the block's first value */
+    double s[NC_LANES];    /* sum (x - k), per lane */
+    double q[NC_LANES];    /* sum (x - k)^2, per lane */
+} nc_mom_state;
+
+NC_INLINE void nc_mom_init(nc_mom_state *st, double k)
+{
+    st->k = k;
+    for (int l = 0; l < NC_LANES; l++) {
+        st->s[l] = 0.0;
+        st->q[l] = 0.0;
+    }
+}
+
+#define NC_BLOCK_SUMS(T, SFX, ISA, ATTR, VT, LOAD, LOADD, SET1, ZERO, ADD, SUB, MUL, STORE)      \
+ATTR void nc_blk_moments_part_##ISA##_##SFX(const T *x, ptrdiff_t n16, nc_mom_state *st)         \
 {                                                                                               \
-    const double k = (double)x[0];                                                              \
-    const VT k4 = SET1(k);                                                                      \
-    VT s0 = ZERO, s1 = ZERO, s2 = ZERO, s3 = ZERO, q0 = ZERO, q1 = ZERO, q2 = ZERO, q3 = ZERO;  \
-    ptrdiff_t i = 0;                                                                            \
-    for (; i + NC_LANES <= n; i += NC_LANES) {                                                  \
+    /* n16: a multiple of 16; the lanes continue from *st and go back there */                 \
+    const VT k4 = SET1(st->k);                                                                  \
+    VT s0 = LOADD(st->s), s1 = LOADD(st->s + 4), s2 = LOADD(st->s + 8), s3 = LOADD(st->s + 12); \
+    VT q0 = LOADD(st->q), q1 = LOADD(st->q + 4), q2 = LOADD(st->q + 8), q3 = LOADD(st->q + 12); \
+    for (ptrdiff_t i = 0; i < n16; i += NC_LANES) {                                             \
         const VT d0 = SUB(LOAD(x + i), k4), d1 = SUB(LOAD(x + i + 4), k4);                      \
         const VT d2 = SUB(LOAD(x + i + 8), k4), d3 = SUB(LOAD(x + i + 12), k4);                 \
         s0 = ADD(s0, d0); s1 = ADD(s1, d1); s2 = ADD(s2, d2); s3 = ADD(s3, d3);                 \
         q0 = ADD(q0, MUL(d0, d0)); q1 = ADD(q1, MUL(d1, d1));                                   \
         q2 = ADD(q2, MUL(d2, d2)); q3 = ADD(q3, MUL(d3, d3));                                   \
     }                                                                                           \
-    double s[NC_LANES], q[NC_LANES];                                                            \
-    STORE(s, s0); STORE(s + 4, s1); STORE(s + 8, s2); STORE(s + 12, s3);                        \
-    STORE(q, q0); STORE(q + 4, q1); STORE(q + 8, q2); STORE(q + 12, q3);                        \
-    for (int l = 0; i + l < n; l++) {                                                           \
-        const double d = (double)x[i + l] - k;                                                  \
-        s[l] += d;                                                                              \
-        q[l] += d * d;                                                                          \
-    }                                                                                           \
-    const double S = nc_fold_lanes(s), Q = nc_fold_lanes(q);                                   \
-    *mean = k + S / (double)n;                                                                  \
-    const double m = Q - S * (S / (double)n);                                                   \
-    *m2 = m < 0.0 ? 0.0 : m; /* clamps rounding below 0; NaN passes through */                  \
+    STORE(st->s, s0); STORE(st->s + 4, s1); STORE(st->s + 8, s2); STORE(st->s + 12, s3);        \
+    STORE(st->q, q0); STORE(st->q + 4, q1); STORE(st->q + 8, q2); STORE(st->q + 12, q3);        \
 }                                                                                               \
                                                                                                 \
 ATTR void nc_blk_grad_sums_##ISA##_##SFX(const T *x, const T *dy, ptrdiff_t n, double center,  \
@@ -219,9 +226,9 @@ NC_INLINE nc_v4d nc_vload_f64(const double *p)
 #define NC_V_SUB(a, b) ((a) - (b))
 #define NC_V_MUL(a, b) ((a) * (b))
 #define NC_V_STORE(p, v) memcpy((p), &(v), sizeof(nc_v4d))
-NC_BLOCK_SUMS(float, f32, base, NC_INLINE, nc_v4d, nc_vload_f32, NC_V_SET1, NC_V_ZERO,
+NC_BLOCK_SUMS(float, f32, base, NC_INLINE, nc_v4d, nc_vload_f32, nc_vload_f64, NC_V_SET1, NC_V_ZERO,
               NC_V_ADD, NC_V_SUB, NC_V_MUL, NC_V_STORE)
-NC_BLOCK_SUMS(double, f64, base, NC_INLINE, nc_v4d, nc_vload_f64, NC_V_SET1, NC_V_ZERO,
+NC_BLOCK_SUMS(double, f64, base, NC_INLINE, nc_v4d, nc_vload_f64, nc_vload_f64, NC_V_SET1, NC_V_ZERO,
               NC_V_ADD, NC_V_SUB, NC_V_MUL, NC_V_STORE)
 #else
 /* Baseline without vector extensions: 4 doubles as a struct, the same operations lane by lane. */
@@ -233,9 +240,9 @@ NC_INLINE nc_s4d nc_sadd(nc_s4d a, nc_s4d b) { for (int l = 0; l < 4; l++) a.v[l
 NC_INLINE nc_s4d nc_ssub(nc_s4d a, nc_s4d b) { for (int l = 0; l < 4; l++) a.v[l] -= b.v[l]; return a; }
 NC_INLINE nc_s4d nc_smul(nc_s4d a, nc_s4d b) { for (int l = 0; l < 4; l++) a.v[l] *= b.v[l]; return a; }
 #define NC_S_STORE(p, x) memcpy((p), (x).v, sizeof(double) * 4)
-NC_BLOCK_SUMS(float, f32, base, NC_INLINE, nc_s4d, nc_sload_f32, nc_sset1, nc_sset1(0.0),
+NC_BLOCK_SUMS(float, f32, base, NC_INLINE, nc_s4d, nc_sload_f32, nc_sload_f64, nc_sset1, nc_sset1(0.0),
               nc_sadd, nc_ssub, nc_smul, NC_S_STORE)
-NC_BLOCK_SUMS(double, f64, base, NC_INLINE, nc_s4d, nc_sload_f64, nc_sset1, nc_sset1(0.0),
+NC_BLOCK_SUMS(double, f64, base, NC_INLINE, nc_s4d, nc_sload_f64, nc_sload_f64, nc_sset1, nc_sset1(0.0),
               nc_sadd, nc_ssub, nc_smul, NC_S_STORE)
 #endif
 
@@ -243,9 +250,9 @@ NC_BLOCK_SUMS(double, f64, base, NC_INLINE, nc_s4d, nc_sload_f64, nc_sset1, nc_s
 #define NC_AVX2 __attribute__((target("avx2"), noinline)) static
 #define NC_A_LOAD_F32(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
 #define NC_A_LOAD_F64(p) _mm256_loadu_pd(p)
-NC_BLOCK_SUMS(float, f32, avx2, NC_AVX2, __m256d, NC_A_LOAD_F32, _mm256_set1_pd, _mm256_setzero_pd(),
+NC_BLOCK_SUMS(float, f32, avx2, NC_AVX2, __m256d, NC_A_LOAD_F32, NC_A_LOAD_F64, _mm256_set1_pd, _mm256_setzero_pd(),
               _mm256_add_pd, _mm256_sub_pd, _mm256_mul_pd, _mm256_storeu_pd)
-NC_BLOCK_SUMS(double, f64, avx2, NC_AVX2, __m256d, NC_A_LOAD_F64, _mm256_set1_pd, _mm256_setzero_pd(),
+NC_BLOCK_SUMS(double, f64, avx2, NC_AVX2, __m256d, NC_A_LOAD_F64, NC_A_LOAD_F64, _mm256_set1_pd, _mm256_setzero_pd(),
               _mm256_add_pd, _mm256_sub_pd, _mm256_mul_pd, _mm256_storeu_pd)
 #define NC_PICK(name, SFX, args) \
     do { if (nc_use_avx2()) name##_avx2_##SFX args; else name##_base_##SFX args; } while (0)
@@ -254,8 +261,32 @@ NC_BLOCK_SUMS(double, f64, avx2, NC_AVX2, __m256d, NC_A_LOAD_F64, _mm256_set1_pd
 #endif
 
 #define NC_BLOCK_DISPATCH(T, SFX)                                                               \
+NC_INLINE void nc_blk_moments_part_##SFX(const T *x, ptrdiff_t n16, nc_mom_state *st)          \
+{ NC_PICK(nc_blk_moments_part, SFX, (x, n16, st)); }                                            \
+/* The block's last n % 16 values (x points at them) and the result, for a block of n. */      \
+NC_INLINE void nc_blk_moments_finish_##SFX(const T *x, ptrdiff_t ntail, ptrdiff_t n,            \
+                                           nc_mom_state *st, double *mean, double *m2)          \
+{                                                                                               \
+    const double k = st->k;                                                                     \
+    for (ptrdiff_t l = 0; l < ntail; l++) {                                                     \
+        const double d = (double)x[l] - k;                                                      \
+        st->s[l] += d;                                                                          \
+        st->q[l] += d * d;                                                                      \
+    }                                                                                           \
+    const double S = nc_fold_lanes(st->s), Q = nc_fold_lanes(st->q);                           \
+    *mean = k + S / (double)n;                                                                  \
+    const double m = Q - S * (S / (double)n);                                                   \
+    *m2 = m < 0.0 ? 0.0 : m; /* clamps rounding below 0; NaN passes through */                  \
+}                                                                                               \
+/* Mean and M2 of one block of n >= 1 values. */                                                \
 NC_INLINE void nc_blk_moments_##SFX(const T *x, ptrdiff_t n, double *mean, double *m2)         \
-{ NC_PICK(nc_blk_moments, SFX, (x, n, mean, m2)); }                                             \
+{                                                                                               \
+    nc_mom_state st;                                                                            \
+    const ptrdiff_t n16 = n - n % NC_LANES;                                                     \
+    nc_mom_init(&st, (double)x[0]);                                                             \
+    nc_blk_moments_part_##SFX(x, n16, &st);                                                     \
+    nc_blk_moments_finish_##SFX(x + n16, n - n16, n, &st, mean, m2);                            \
+}                                                                                               \
 NC_INLINE void nc_blk_grad_sums_##SFX(const T *x, const T *dy, ptrdiff_t n, double center,     \
                                       double *s, double *t)                                     \
 { NC_PICK(nc_blk_grad_sums, SFX, (x, dy, n, center, s, t)); }                                   \
@@ -264,6 +295,20 @@ NC_INLINE void nc_blk_grad_sums_w_##SFX(const T *x, const T *dy, const T *w, ptr
 { NC_PICK(nc_blk_grad_sums_w, SFX, (x, dy, w, n, center, s, t)); }
 NC_BLOCK_DISPATCH(float, f32)
 NC_BLOCK_DISPATCH(double, f64)
+
+/* What the apply of one unit needs: a group's per-channel coefficients (cols = 0: row r0 + j of
+ * the unit has channel (r0 + j) % C, scale rstd * w[c], shift bias[c]) or a LayerNorm row's
+ * per-column weight and bias (cols = 1: wc, bc of the array type, NULL when absent). */
+typedef struct {
+    int cols;
+    ptrdiff_t L, r0, C;
+    const double *w, *bias;
+    const void *wc, *bc;
+    double mean, rstd;
+} nc_apply_ctx;
+
+#define NC_QUAD 4      /* rows whose column sums the LayerNorm backward adds in one step */
+#define NC_PIECE 512   /* values per piece of the pipelined forward (a multiple of NC_LANES) */
 
 /* ---- Runs, applies and the kernels' entry points ------------------------------------------ */
 #define NC_DEFINE_ROW_OPS(T, SFX)                                                              \
@@ -432,11 +477,48 @@ NC_MULTIVERSION static void nc_layer_forward_##SFX(const T *x, T *y, ptrdiff_t L
         nc_apply_##SFX(x, y, L, *mean, *rstd, 0.0);                                             \
 }                                                                                               \
                                                                                                 \
+/* Column sums of nq <= NC_QUAD consecutive rows, added to acc_w, acc_b in one step per column:  \
+ * t_i = dy_i * ((x_i - mean_i) * rstd_i); acc_w += ((t0 + t1) + (t2 + t3)) (missing rows left  \
+ * out of the same tree), acc_b likewise with dy_i. */                                          \
+NC_INLINE void nc_col_sums_##SFX(const T *x, const T *dy, ptrdiff_t nq, ptrdiff_t L,            \
+                                 const double *mean, const double *rstd, double *acc_w,         \
+                                 double *acc_b)                                                 \
+{                                                                                               \
+    if (nq == NC_QUAD) {                                                                        \
+        const T *x0 = x, *x1 = x + L, *x2 = x + 2 * L, *x3 = x + 3 * L;                         \
+        const T *g0 = dy, *g1 = dy + L, *g2 = dy + 2 * L, *g3 = dy + 3 * L;                     \
+        const double m0 = mean[0], m1 = mean[1], m2 = mean[2], m3 = mean[3];                    \
+        const double s0 = rstd[0], s1 = rstd[1], s2 = rstd[2], s3 = rstd[3];                    \
+        for (ptrdiff_t j = 0; j < L; j++) {                                                     \
+            const double t0 = (double)g0[j] * (((double)x0[j] - m0) * s0);                      \
+            const double t1 = (double)g1[j] * (((double)x1[j] - m1) * s1);                      \
+            const double t2 = (double)g2[j] * (((double)x2[j] - m2) * s2);                      \
+            const double t3 = (double)g3[j] * (((double)x3[j] - m3) * s3);                      \
+            acc_w[j] += (t0 + t1) + (t2 + t3);                                                  \
+            acc_b[j] += ((double)g0[j] + (double)g1[j]) + ((double)g2[j] + (double)g3[j]);      \
+        }                                                                                       \
+        return;                                                                                 \
+    }                                                                                           \
+    for (ptrdiff_t j = 0; j < L; j++) {                                                         \
+        double tw = 0.0, tb = 0.0;                                                              \
+        for (ptrdiff_t i = 0; i < nq; i++) {                                                    \
+            const double g = (double)dy[i * L + j];                                             \
+            const double t = g * (((double)x[i * L + j] - mean[i]) * rstd[i]);                  \
+            if (i == 0) { tw = t; tb = g; } else { tw += t; tb += g; }                          \
+        }                                                                                       \
+        acc_w[j] += tw;                                                                         \
+        acc_b[j] += tb;                                                                         \
+    }                                                                                           \
+}                                                                                               \
+                                                                                                \
 /* LayerNorm backward, rows r0 .. r1-1 of L (x, dy, dx point at row 0): per row the sums of   \
  * g = w * dy (w NULL: g = dy) centered on the row mean, then                                  \
  * dx = a * g + b * (x - mean) + c (a = rstd, b = -rstd^3 * sum(g * (x - mean)) / L,           \
- * c = -rstd * sum(g) / L); and the column sums of these rows, in row order:                   \
- * acc_w[j] = sum dy * ((x - mean) * rstd), acc_b[j] = sum dy (NULL: not wanted). */           \
+ * c = -rstd * sum(g) / L); and the column sums of these rows (NULL: not wanted):              \
+ * acc_w[j] = sum dy * ((x - mean) * rstd), acc_b[j] = sum dy, added NC_QUAD rows at a time    \
+ * (((t0 + t1) + (t2 + t3)) per quad, quads in order from r0), which reads and writes the      \
+ * accumulators a quarter as often as row by row. Rows are done a quad at a time while in      \
+ * cache: sums, column sums, then dx (dx may be dy itself). */                                 \
 NC_MULTIVERSION static void nc_layer_backward_##SFX(const T *x, const T *dy, T *dx, ptrdiff_t r0, \
                                                     ptrdiff_t r1, ptrdiff_t L, const T *w,      \
                                                     const double *mean, const double *rstd,     \
@@ -444,28 +526,130 @@ NC_MULTIVERSION static void nc_layer_backward_##SFX(const T *x, const T *dy, T *
 {                                                                                               \
     if (acc_w)                                                                                  \
         for (ptrdiff_t j = 0; j < L; j++) { acc_w[j] = 0.0; acc_b[j] = 0.0; }                   \
+    for (ptrdiff_t q0 = r0; q0 < r1; q0 += NC_QUAD) {                                           \
+        const ptrdiff_t nq = r1 - q0 < NC_QUAD ? r1 - q0 : NC_QUAD;                             \
+        double b[NC_QUAD], c[NC_QUAD];                                                          \
+        for (ptrdiff_t i = 0; i < nq; i++) {                                                    \
+            const ptrdiff_t r = q0 + i;                                                         \
+            double s1, s2;                                                                      \
+            if (w)                                                                              \
+                nc_run_grad_sums_w_##SFX(x + r * L, dy + r * L, w, L, mean[r], &s1, &s2);       \
+            else                                                                                \
+                nc_run_grad_sums_##SFX(x + r * L, dy + r * L, L, mean[r], &s1, &s2);            \
+            nc_bwd_coeffs(rstd[r], s1, s2, (double)L, &b[i], &c[i]);                            \
+        }                                                                                       \
+        if (acc_w)                                                                              \
+            nc_col_sums_##SFX(x + q0 * L, dy + q0 * L, nq, L, mean + q0, rstd + q0, acc_w, acc_b); \
+        for (ptrdiff_t i = 0; i < nq; i++) {                                                    \
+            const ptrdiff_t r = q0 + i;                                                         \
+            if (w)                                                                              \
+                nc_apply_cols_bwd_##SFX(dy + r * L, x + r * L, dx + r * L, L, mean[r], rstd[r], \
+                                        b[i], c[i], w);                                         \
+            else                                                                                \
+                nc_apply_bwd_##SFX(dy + r * L, x + r * L, dx + r * L, L, mean[r], rstd[r],      \
+                                   b[i], c[i]);                                                 \
+        }                                                                                       \
+    }                                                                                           \
+}                                                                                               \
+                                                                                                \
+/* ---- Pipelined forward: the statistics of the next unit are summed in pieces, each piece   \
+ * interleaved with the apply of the same stretch of the current unit (already in cache), so  \
+ * reading the next unit from memory overlaps writing the current one. A unit is a group      \
+ * (InstanceNorm, GroupNorm) or a row (LayerNorm). The pieces change neither the sums (the    \
+ * same lanes in the same order as nc_run_moments) nor the apply (element-wise). */          \
+NC_INLINE void nc_group_apply_range_##SFX(const T *xg, T *yg, ptrdiff_t i0, ptrdiff_t len,      \
+                                          const nc_apply_ctx *a)                               \
+{                                                                                               \
+    while (len > 0) {                                                                           \
+        const ptrdiff_t j = i0 / a->L, off = i0 - j * a->L;                                     \
+        const ptrdiff_t seg = len < a->L - off ? len : a->L - off;                              \
+        const ptrdiff_t c = (a->r0 + j) % a->C;                                                 \
+        nc_apply_##SFX(xg + i0, yg + i0, seg, a->mean, a->rstd * a->w[c], a->bias[c]);          \
+        i0 += seg;                                                                              \
+        len -= seg;                                                                             \
+    }                                                                                           \
+}                                                                                               \
+                                                                                                \
+NC_INLINE void nc_unit_apply_##SFX(const T *xu, T *yu, ptrdiff_t i0, ptrdiff_t len,             \
+                                   const nc_apply_ctx *a)                                       \
+{                                                                                               \
+    if (!a->cols) {                                                                             \
+        nc_group_apply_range_##SFX(xu, yu, i0, len, a);                                         \
+    } else if (a->wc) {                                                                         \
+        const T *w = (const T *)a->wc, *b = (const T *)a->bc;                                   \
+        nc_apply_cols_##SFX(xu + i0, yu + i0, len, a->mean, a->rstd, w + i0, b ? b + i0 : NULL); \
+    } else {                                                                                    \
+        nc_apply_##SFX(xu + i0, yu + i0, len, a->mean, a->rstd, 0.0);                           \
+    }                                                                                           \
+}                                                                                               \
+                                                                                                \
+/* Apply unit xu -> yu (n values) while summing the moments of `next` (n values). */            \
+NC_INLINE void nc_unit_pipeline_##SFX(const T *xu, T *yu, ptrdiff_t n, const nc_apply_ctx *a,  \
+                                      const T *next, double *mean_n, double *m2_n)              \
+{                                                                                               \
+    double na = 0.0, mu = 0.0, q = 0.0;                                                         \
+    for (ptrdiff_t b = 0; b < n; b += NC_BLOCK) {                                               \
+        const ptrdiff_t len = n - b < NC_BLOCK ? n - b : NC_BLOCK;                              \
+        const ptrdiff_t n16 = len - len % NC_LANES;                                             \
+        nc_mom_state st;                                                                        \
+        nc_mom_init(&st, (double)next[b]);                                                      \
+        for (ptrdiff_t p = 0; p < n16; p += NC_PIECE) {                                         \
+            const ptrdiff_t pl = n16 - p < NC_PIECE ? n16 - p : NC_PIECE;                       \
+            nc_blk_moments_part_##SFX(next + b + p, pl, &st);                                   \
+            nc_unit_apply_##SFX(xu, yu, b + p, pl, a);                                          \
+        }                                                                                       \
+        double bm, bq;                                                                          \
+        nc_blk_moments_finish_##SFX(next + b + n16, len - n16, len, &st, &bm, &bq);             \
+        if (len > n16)                                                                          \
+            nc_unit_apply_##SFX(xu, yu, b + n16, len - n16, a);                                 \
+        nc_merge_step(&na, &mu, &q, (double)len, bm, bq);                                       \
+    }                                                                                           \
+    *mean_n = mu;                                                                               \
+    *m2_n = q;                                                                                  \
+}                                                                                               \
+                                                                                                \
+/* Groups g0 .. g1-1 of k rows of L: the same results as nc_group_forward on each. */           \
+NC_MULTIVERSION static void nc_groups_forward_##SFX(const T *x, T *y, ptrdiff_t g0, ptrdiff_t g1, \
+                                                    ptrdiff_t k, ptrdiff_t L, ptrdiff_t C,      \
+                                                    const double *w, const double *bias,        \
+                                                    double eps, double *mean, double *m2,       \
+                                                    double *rstd)                               \
+{                                                                                               \
+    const ptrdiff_t n = k * L;                                                                  \
+    if (g0 >= g1)                                                                               \
+        return;                                                                                 \
+    nc_run_moments_##SFX(x + g0 * n, n, &mean[g0], &m2[g0]);                                    \
+    for (ptrdiff_t g = g0; g < g1; g++) {                                                       \
+        rstd[g] = nc_rstd(m2[g], (double)n, eps);                                               \
+        const nc_apply_ctx a = {0, L, g * k, C, w, bias, NULL, NULL, mean[g], rstd[g]};         \
+        if (g + 1 < g1)                                                                         \
+            nc_unit_pipeline_##SFX(x + g * n, y + g * n, n, &a, x + (g + 1) * n,                \
+                                   &mean[g + 1], &m2[g + 1]);                                   \
+        else                                                                                    \
+            nc_unit_apply_##SFX(x + g * n, y + g * n, 0, n, &a);                                \
+    }                                                                                           \
+}                                                                                               \
+                                                                                                \
+/* LayerNorm rows r0 .. r1-1: the same results as nc_layer_forward on each. */                  \
+NC_MULTIVERSION static void nc_layers_forward_##SFX(const T *x, T *y, ptrdiff_t r0, ptrdiff_t r1, \
+                                                    ptrdiff_t L, const T *w, const T *bias,     \
+                                                    double eps, double *mean, double *rstd)     \
+{                                                                                               \
+    if (r0 >= r1)                                                                               \
+        return;                                                                                 \
+    double m2;                                                                                  \
+    nc_run_moments_##SFX(x + r0 * L, L, &mean[r0], &m2);                                        \
     for (ptrdiff_t r = r0; r < r1; r++) {                                                       \
-        const T *xr = x + r * L, *gr = dy + r * L;                                              \
-        T *dxr = dx + r * L;                                                                    \
-        const double m = mean[r], rs = rstd[r];                                                 \
-        double s1, s2;                                                                          \
-        if (w)                                                                                  \
-            nc_run_grad_sums_w_##SFX(xr, gr, w, L, m, &s1, &s2);                                \
+        rstd[r] = nc_rstd(m2, (double)L, eps);                                                  \
+        const nc_apply_ctx a = {1, L, 0, 1, NULL, NULL, w, bias, mean[r], rstd[r]};             \
+        if (r + 1 < r1)                                                                         \
+            nc_unit_pipeline_##SFX(x + r * L, y + r * L, L, &a, x + (r + 1) * L,                \
+                                   &mean[r + 1], &m2);                                          \
         else                                                                                    \
-            nc_run_grad_sums_##SFX(xr, gr, L, m, &s1, &s2);                                     \
-        double b, c;                                                                            \
-        nc_bwd_coeffs(rs, s1, s2, (double)L, &b, &c);                                           \
-        if (acc_w) /* before dx is written: dx may be dy itself */                              \
-            for (ptrdiff_t j = 0; j < L; j++) {                                                 \
-                acc_w[j] += (double)gr[j] * (((double)xr[j] - m) * rs);                         \
-                acc_b[j] += (double)gr[j];                                                      \
-            }                                                                                   \
-        if (w)                                                                                  \
-            nc_apply_cols_bwd_##SFX(gr, xr, dxr, L, m, rs, b, c, w);                            \
-        else                                                                                    \
-            nc_apply_bwd_##SFX(gr, xr, dxr, L, m, rs, b, c);                                    \
+            nc_unit_apply_##SFX(x + r * L, y + r * L, 0, L, &a);                                \
     }                                                                                           \
 }
+
 
 NC_DEFINE_ROW_OPS(float, f32)
 NC_DEFINE_ROW_OPS(double, f64)

@@ -20,6 +20,7 @@ import pytest
 import normcore as nc
 import normcore.functional as F
 from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
+from normcore._kernels.channels import channel_forward
 from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
 from normcore._kernels.groups import group_backward, group_forward
 from normcore._kernels.layer_rows import layer_backward, layer_forward
@@ -275,6 +276,41 @@ def test_groups_fused_vs_split(dtype, case):
     dy = rng.standard_normal((R, L)).astype(dtype)
     results = {n: _group_outputs(x, dy, k, C, np.random.default_rng(9), n) for n in KERNEL_THREADS}
     assert_same_bits(results)
+
+
+# (R, L, C) for channel_forward: rows of several blocks with a tail (row statistics on the
+# stack), C = 1 with long rows (N = 2), many short rows (malloc), C = R (N = 1, malloc),
+# malloc with rows of several blocks, and rows shorter than a block with the stack.
+CHANNEL_SHAPES = [(20, 3 * BLOCK + 5, 4), (2, 40003, 1), (30003, 3, 3), (3000, 300, 3000), (260, BLOCK + 4, 4),
+                  (130, 1030, 10)]
+
+
+def _channel_outputs(x, C, n_threads):
+    """channel_forward with batch statistics and with given ones (out of place and in place):
+    y and the per-channel outputs, each a fresh array."""
+    rng = np.random.default_rng(10)
+    weight, bias = rng.uniform(0.5, 1.5, C), rng.standard_normal(C)
+    out = []
+    for batch_stats in (True, False):
+        for in_place in (False, True):
+            xx = x.copy()
+            y = xx if in_place else np.empty_like(x)
+            mean = np.empty(C) if batch_stats else 5.0 + rng.standard_normal(C)
+            m2 = np.empty(C) if batch_stats else rng.uniform(0.5, 2.0, C)
+            rstd = np.empty(C)
+            channel_forward(xx, y, C, weight, bias, 1e-5, mean, m2, rstd, batch_stats, n_threads)
+            out += [y, mean, m2, rstd]
+    return out
+
+
+@pytest.mark.parametrize("case", CHANNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_forward(dtype, case):
+    R, L, C = case
+    assert R * L >= PARALLEL_MIN and R % C == 0
+    rng = np.random.default_rng(11)
+    x = (5.0 + 3.0 * rng.standard_normal((R, L))).astype(dtype)
+    assert_same_bits({n: _channel_outputs(x, C, n) for n in KERNEL_THREADS})
 
 
 # ------------------------------------------------------------------------------ threads

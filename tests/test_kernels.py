@@ -19,6 +19,8 @@ layer_backward's column sums run over chunks of max(ROW_CHUNK, ceil(R / MAX_CHUN
 (ROW_CHUNK = MAX_CHUNKS = 64); group_forward / group_backward run one task per group
 ("fused") when n_threads == 1, below PARALLEL_MIN or with G >= FUSED_MIN_GROUPS * n_threads
 groups, and otherwise separate passes over blocks ("split"), which must give the same bits.
+channel_forward keeps the statistics of up to STACK_ROWS = 256 rows on the stack and mallocs
+them for more rows; rows of L > BLOCK take a separate path (per-block moments merged in order).
 """
 import math
 
@@ -26,6 +28,7 @@ import numpy as np
 import pytest
 
 from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
+from normcore._kernels.channels import channel_forward
 from normcore._kernels.combine import merge_moments, sum_groups
 from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
 from normcore._kernels.groups import group_backward, group_forward
@@ -38,6 +41,7 @@ PARALLEL_MIN = 65536
 ROW_CHUNK = 64
 MAX_CHUNKS = 64
 FUSED_MIN_GROUPS = 4
+STACK_ROWS = 256
 EPS = 1e-5
 
 DTYPES = [np.float32, np.float64]
@@ -204,6 +208,29 @@ def np_group_backward(x, dy, k, C, weight, mean, rstd):
     dx = t1 + b[gi][:, None] * xc + c[gi][:, None]
     mag = np.abs(t1) + b_mag[gi][:, None] * np.abs(xc) + c_mag[gi][:, None]
     return dx, mag, sdy, sdyxc, sdy_mag, sdyxc_mag
+
+
+def np_channel_forward(x, C, weight, bias, eps, given=None):
+    """BatchNorm's forward: row r of x [R, L] has channel c = r % C (R = N * C).
+    given None: the statistics of each channel's N * L values, mean and M2;
+    given (mean, var): those (then m2 here is var, the kernel's unchanged input).
+    rstd = 1 / sqrt(max(var, 0) + eps), y = (x - mean_c) * (rstd_c * weight_c) + bias_c.
+    (mean, m2, rstd, y, magnitudes as np_group_forward's)."""
+    R, L = x.shape
+    N = R // C
+    xd = f64(x)
+    if given is None:
+        mean, m2 = np_row_moments(xd.reshape(N, C, L).transpose(1, 0, 2).reshape(C, N * L))
+        var = m2 / (N * L)
+    else:
+        mean, m2 = f64(given[0]).copy(), f64(given[1]).copy()
+        var = m2
+    rstd = 1.0 / np.sqrt(np.maximum(var, 0.0) + eps)
+    c = rows_of(R, C)
+    a = (rstd * weight)[c][:, None]
+    t = (xd - mean[c][:, None]) * a
+    terms = (np.abs(xd) + np.abs(mean[c])[:, None]) * np.abs(a)
+    return mean, m2, rstd, t + bias[c][:, None], np.abs(t) + np.abs(bias[c])[:, None], terms
 
 
 # ------------------------------------------------------------------------ row_moments
@@ -656,6 +683,193 @@ def test_group_nan_confined(dtype, case, n_threads):
     assert np.array_equal(got["sdy"], clean["sdy"])  # sum(dy) does not involve x
 
 
+# ---------------------------------------------------------------------- channel_forward
+
+# (R, L, C), R = N * C: one row (N = C = 1); one value; L = 1 with C = R (N = 1) and with
+# N = 3; L not a multiple of 16; C = 1; R = STACK_ROWS (the last on the stack) and one past
+# it (malloc, C = R); exactly one block, one past it (C = 1), several blocks with a tail;
+# and inputs over PARALLEL_MIN (threaded with n_threads=3): blocks, many short rows (malloc,
+# N = 5000), C = R > STACK_ROWS, C = 1 with long rows, and malloc with blocks together.
+CHANNEL_CASES = [
+    (1, 10, 1),
+    (1, 1, 1),
+    (7, 1, 7),
+    (6, 1, 2),
+    (6, 13, 3),
+    (8, 17, 1),
+    (12, 33, 4),
+    (STACK_ROWS, 5, 8),
+    (STACK_ROWS + 1, 5, STACK_ROWS + 1),
+    (258, 7, 3),
+    (2, BLOCK, 2),
+    (2, BLOCK + 1, 1),
+    (4, 3 * BLOCK + 5, 2),
+    (6, 3 * BLOCK + 5, 3),
+    (3000, 3, 10),
+    (30000, 3, 6),
+    (300, 301, 300),
+    (2, 40003, 1),
+    (260, BLOCK + 4, 4),
+]
+STATS = [True, False]
+STATS_IDS = ["batch", "given"]
+
+
+def same_bits(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def given_stats(rng, C, loc):
+    """A given mean and variance per channel; the last channel's variance is negative (the
+    kernel clamps it at 0) when there are several."""
+    mean = loc + rng.standard_normal(C)
+    var = rng.uniform(0.5, 2.0, C)
+    if C > 1:
+        var[-1] = -0.25
+    return mean, var
+
+
+def _channel_run(x, y, C, weight, bias, given, n_threads):
+    """channel_forward on x into y; (mean, m2, rstd) fresh arrays, NaN-filled where they are
+    outputs, copies of `given` where they are inputs."""
+    if given is None:
+        mean, m2 = np.full(C, np.nan), np.full(C, np.nan)
+    else:
+        mean, m2 = given[0].copy(), given[1].copy()
+    rstd = np.full(C, np.nan)
+    channel_forward(x, y, C, weight, bias, EPS, mean, m2, rstd, given is None, n_threads)
+    return mean, m2, rstd
+
+
+@pytest.mark.parametrize("batch_stats", STATS, ids=STATS_IDS)
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("case", CHANNEL_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_forward(dtype, case, n_threads, batch_stats):
+    R, L, C = case
+    rng = np.random.default_rng(18)
+    x = make(rng, (R, L), dtype, loc=4.0, spread=2.0)
+    weight, bias = group_params(rng, C)
+    given = None if batch_stats else given_stats(rng, C, 4.0)
+    want_mean, want_m2, want_rstd, want, mag, terms = np_channel_forward(x, C, weight, bias, EPS, given)
+    y = np.full_like(x, np.nan)
+    mean, m2, rstd = _channel_run(x, y, C, weight, bias, given, n_threads)
+    assert y.dtype == dtype
+    if batch_stats:
+        xc = np.abs(f64(x)).reshape(R // C, C, L).transpose(1, 0, 2).reshape(C, -1)
+        assert_within(mean, want_mean, xc.max(1), RTOL_SUM, "mean")
+        assert_within(m2, want_m2, want_m2, RTOL_SUM, "M2")
+        scale = own_stats_scale(dtype, mag, terms)
+    else:
+        # The given mean and variance are inputs: left as they were.
+        assert same_bits(mean, given[0]) and same_bits(m2, given[1])
+        scale = mag
+    assert_within(rstd, want_rstd, want_rstd, RTOL_SUM, "rstd")
+    assert_within(y, want, scale, RTOL_OUT[dtype], "y")
+    # In place (y is x): the same bits.
+    xi = x.copy()
+    out_i = _channel_run(xi, xi, C, weight, bias, given, n_threads)
+    assert same_bits(xi, y), "y in place"
+    assert all(same_bits(a, b) for a, b in zip(out_i, (mean, m2, rstd))), "statistics in place"
+
+
+# Channel 1 of these (R, L, C) is made constant or given a NaN: few rows, N = 1, more than
+# STACK_ROWS rows, rows of several blocks over PARALLEL_MIN, C = R over PARALLEL_MIN.
+CHANNEL_SPECIAL_CASES = [(6, 10, 3), (2, 5, 2), (258, 7, 3), (6, 3 * BLOCK + 5, 3), (300, 301, 300)]
+
+
+@pytest.mark.parametrize("batch_stats", STATS, ids=STATS_IDS)
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("case", CHANNEL_SPECIAL_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_constant(dtype, case, n_threads, batch_stats):
+    """A constant channel (1.5e7: x - mean must be exact) has mean == the value, m2 == 0 and
+    rstd == 1 / sqrt(eps), and normalises to exactly its bias (in the array type); with given
+    statistics (mean 1.5e7, var 0) as well."""
+    R, L, C = case
+    rng = np.random.default_rng(19)
+    x = make(rng, (R, L), dtype, loc=1.5e7, spread=3.0)
+    x[1::C] = dtype(1.5e7)  # channel 1
+    weight, bias = group_params(rng, C)
+    given = None
+    if not batch_stats:
+        given = given_stats(rng, C, 1.5e7)
+        given[0][1], given[1][1] = 1.5e7, 0.0
+    y = np.full_like(x, np.nan)
+    mean, m2, rstd = _channel_run(x, y, C, weight, bias, given, n_threads)
+    assert mean[1] == 1.5e7 and m2[1] == 0.0 and rstd[1] == 1.0 / np.sqrt(EPS)
+    assert np.array_equal(y[1::C], np.full((R // C, L), bias[1], dtype))
+
+
+def test_channel_constant_float64_inexact_value():
+    """A constant float64 channel whose row means do not add up exactly (3 * 0.1 != 0.3): the
+    per-channel merge is Chan's, so equal row means merge with delta = 0 and the channel
+    normalises to exactly its bias."""
+    x = np.full((3, 4), 0.1)
+    y = np.full_like(x, np.nan)
+    mean, m2, rstd = _channel_run(x, y, 1, np.ones(1), np.zeros(1), None, 1)
+    assert (mean[0], m2[0]) == (0.1, 0.0) and np.array_equal(y, np.zeros_like(x))
+
+
+@pytest.mark.parametrize("where", ["x-batch", "x-given", "var-given"])
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("case", CHANNEL_SPECIAL_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_nan_confined(dtype, case, n_threads, where):
+    """A NaN in channel 1. In x with batch statistics: channel 1's mean, m2, rstd and every y
+    of its rows are NaN. In x with given statistics: only that element of y. In the given
+    variance: channel 1's rstd and y. Everything else has the bits of the input without it."""
+    R, L, C = case
+    rng = np.random.default_rng(20)
+    x = make(rng, (R, L), dtype, loc=2.0, spread=3.0)
+    weight, bias = group_params(rng, C)
+    given = None if where == "x-batch" else given_stats(rng, C, 2.0)
+    xn = x.copy()
+    given_n = None if given is None else (given[0].copy(), given[1].copy())
+    row, col = R - C + 1, L // 2  # channel 1 of the last n
+    if where == "var-given":
+        given_n[1][1] = np.nan
+    else:
+        xn[row, col] = np.nan
+    y_clean = np.empty_like(x)
+    clean = _channel_run(x, y_clean, C, weight, bias, given, n_threads)
+    y = np.empty_like(x)
+    with np.errstate(invalid="ignore"):
+        got = _channel_run(xn, y, C, weight, bias, given_n, n_threads)
+    bad_stats = {"x-batch": (0, 1, 2), "x-given": (), "var-given": (1, 2)}[where]  # mean, m2, rstd
+    others = np.arange(C) != 1
+    for i, name in enumerate(("mean", "m2", "rstd")):
+        if i in bad_stats:
+            assert np.isnan(got[i][1]), name
+            assert same_bits(got[i][others], clean[i][others]), name
+        else:
+            assert same_bits(got[i], clean[i] if given_n is None or i == 2 else given_n[i]), name
+    nan_y = np.zeros(x.shape, bool)
+    if where == "x-given":
+        nan_y[row, col] = True
+    else:
+        nan_y[1::C] = True
+    assert np.all(np.isnan(y[nan_y]))
+    assert same_bits(y[~nan_y], y_clean[~nan_y])
+    assert np.all(np.isfinite(y[~nan_y]))
+
+
+@pytest.mark.parametrize("batch_stats", STATS, ids=STATS_IDS)
+@pytest.mark.parametrize("case", [(0, 5, 3), (6, 0, 3), (0, 0, 1)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_forward_empty(dtype, case, batch_stats):
+    """R == 0 or L == 0: nothing raised, nothing written."""
+    R, L, C = case
+    x = np.ones((R, L), dtype)
+    y = np.ones((R, L), dtype)
+    arrays = [np.full(C, 7.0 + i) for i in range(5)]  # weight, bias, mean, m2, rstd
+    before = [a.copy() for a in arrays]
+    weight, bias, mean, m2, rstd = arrays
+    channel_forward(x, y, C, weight, bias, EPS, mean, m2, rstd, batch_stats, 3)
+    assert all(same_bits(a, b) for a, b in zip(arrays, before))
+
+
 # ------------------------------------------------------------------------------ combine
 
 # (outer, k, inner): BatchNorm (1, N, C), InstanceNorm (N*C, 1, 1), GroupNorm (N*G, C/G, 1),
@@ -793,6 +1007,30 @@ def _invalid_calls():
         "merge_moments: k == 0": lambda: merge_moments(np.ones(0), np.ones(0), 3, 1, 0, 2, r2, r2),
         "sum_groups: grouping mismatch": lambda: sum_groups(r6, 2, 2, 2, np.ones(4)),
         "sum_groups: output mismatch": lambda: sum_groups(r6, 2, 3, 1, r3),
+        "channel_forward: C does not divide R": lambda: channel_forward(x, y, 4, r4, r4, EPS, r4, r4, r4, True),
+        "channel_forward: C == 0": lambda: channel_forward(x, y, 0, e0, e0, EPS, e0, e0, e0, True),
+        "channel_forward: C < 0": lambda: channel_forward(x, y, -3, r3, r3, EPS, r3, r3, r3, True),
+        "channel_forward: given, C does not divide R": lambda: channel_forward(
+            x, y, 4, r4, r4, EPS, r4, r4, r4, False),
+        "channel_forward: y columns": lambda: channel_forward(x, np.empty((6, 4)), 3, r3, r3, EPS, r3, r3, r3, True),
+        "channel_forward: y rows": lambda: channel_forward(x, np.empty((5, 5)), 3, r3, r3, EPS, r3, r3, r3, True),
+        "channel_forward: y dtype": lambda: channel_forward(
+            x, np.empty((6, 5), np.float32), 3, r3, r3, EPS, r3, r3, r3, True),
+        "channel_forward: x not C-contiguous": lambda: channel_forward(
+            np.ones((6, 10))[:, ::2], y, 3, r3, r3, EPS, r3, r3, r3, True),
+        "channel_forward: weight length": lambda: channel_forward(x, y, 3, r2, r3, EPS, r3, r3, r3, True),
+        "channel_forward: bias length": lambda: channel_forward(x, y, 3, r3, r4, EPS, r3, r3, r3, True),
+        "channel_forward: mean length": lambda: channel_forward(x, y, 3, r3, r3, EPS, r6, r3, r3, True),
+        "channel_forward: m2 length": lambda: channel_forward(x, y, 3, r3, r3, EPS, r3, r2, r3, True),
+        "channel_forward: rstd length": lambda: channel_forward(x, y, 3, r3, r3, EPS, r3, r3, r4, True),
+        "channel_forward: given mean length": lambda: channel_forward(x, y, 3, r3, r3, EPS, r2, r3, r3, False),
+        "channel_forward: given var length": lambda: channel_forward(x, y, 3, r3, r3, EPS, r3, r4, r3, False),
+        "channel_forward: weight dtype": lambda: channel_forward(
+            x, y, 3, r3.astype(np.float32), r3, EPS, r3, r3, r3, True),
+        "channel_forward: L == 0, C does not divide R": lambda: channel_forward(
+            np.ones((6, 0)), np.ones((6, 0)), 4, r4, r4, EPS, r4, r4, r4, True),
+        "channel_forward: R == 0, rstd length": lambda: channel_forward(
+            np.ones((0, 5)), np.ones((0, 5)), 3, r3, r3, EPS, r3, r3, r2, True),
     }
 
 
@@ -819,3 +1057,11 @@ def test_shapes_cover_what_they_claim():
         assert any(is_split(R, L, k, n) for R, L, k, C in GROUP_CASES)
         assert any(R * L >= PARALLEL_MIN and not is_split(R, L, k, n) for R, L, k, C in GROUP_CASES)
     assert all(R % k == 0 and R % C == 0 for R, L, k, C in GROUP_CASES + SPLIT_CASES)
+    assert all(R % C == 0 for R, L, C in CHANNEL_CASES + CHANNEL_SPECIAL_CASES)
+    assert any(R == STACK_ROWS for R, L, C in CHANNEL_CASES) and any(R == STACK_ROWS + 1 for R, L, C in CHANNEL_CASES)
+    assert any(L == 1 for R, L, C in CHANNEL_CASES) and any(L % LANES and L > LANES for R, L, C in CHANNEL_CASES)
+    assert any(R == C for R, L, C in CHANNEL_CASES) and any(C == 1 and R > 1 for R, L, C in CHANNEL_CASES)
+    for cases in (CHANNEL_CASES, CHANNEL_SPECIAL_CASES):
+        assert any(R * L >= PARALLEL_MIN and R > STACK_ROWS for R, L, C in cases)
+        assert any(R * L >= PARALLEL_MIN and L > BLOCK for R, L, C in cases)
+    assert any(R > STACK_ROWS and L > BLOCK and R * L >= PARALLEL_MIN for R, L, C in CHANNEL_CASES)
