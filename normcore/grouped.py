@@ -19,6 +19,7 @@ import numpy as np
 
 from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
 from normcore._kernels.channels import channel_forward
+from normcore._kernels.channels_last import cl_apply, cl_apply_backward, cl_grad_sums, cl_group_forward, cl_moments
 from normcore._kernels.combine import merge_moments, sum_groups
 from normcore._kernels.grad_sums import row_grad_sums
 from normcore._kernels.groups import group_backward, group_forward
@@ -101,6 +102,22 @@ def as_rows(x, N, C):
     return np.ascontiguousarray(x).reshape(N * C, -1) if N * C else x.reshape(0, 0)
 
 
+def channels_last_rows(x, N, C):
+    """x (N, C, *spatial) whose memory is channels-last, (N, *spatial, C) C-contiguous, as an
+    [N, L, C] view; None for any other layout (a C-contiguous x takes the NCHW path)."""
+    if x.ndim < 3 or x.flags.c_contiguous or N * C == 0:
+        return None
+    v = np.moveaxis(x, 1, -1)
+    if not v.flags.c_contiguous:
+        return None
+    return v.reshape(N, -1, C)
+
+
+def channels_last_like(a3, shape):
+    """[N, L, C] -> (N, C, *spatial) view, channels-last in memory."""
+    return np.moveaxis(a3.reshape((shape[0], *shape[2:], shape[1])), -1, 1)
+
+
 def _f64(v, C, fill):
     if v is None:
         return np.full(C, fill)
@@ -130,9 +147,12 @@ def forward(x, grouping, weight, bias, eps, n_threads, stats=None):
     Returns (y, saved, batch_stats or None).
     """
     g = grouping
+    w = _f64(weight, g.C, 1.0)
+    x3 = channels_last_rows(x, g.N, g.C)
+    if x3 is not None:
+        return _forward_channels_last(x, x3, g, w, _f64(bias, g.C, 0.0), eps, n_threads, stats)
     x2 = as_rows(x, g.N, g.C)
     y2 = np.empty_like(x2)
-    w = _f64(weight, g.C, 1.0)
     if stats is None and g.inner == 1:
         # Groups of consecutive rows (InstanceNorm, GroupNorm): fused, one read of x.
         mean, m2, rstd = np.empty(g.outer), np.empty(g.outer), np.empty(g.outer)
@@ -152,14 +172,55 @@ def forward(x, grouping, weight, bias, eps, n_threads, stats=None):
     return y2.reshape(x.shape), saved, batch
 
 
+def _forward_channels_last(x, x3, g, w, bias, eps, n_threads, stats):
+    """forward() on channels-last memory, without a transposing copy: reduce per (n, c) over
+    the positions, the same combine as NCHW, apply per (n, c); y is channels-last too."""
+    y3 = np.empty_like(x3)
+    batch = None
+    if stats is None and g.inner == 1 and g.N >= n_threads:
+        # InstanceNorm, GroupNorm: one sample per task while it is in cache (the same bits as
+        # the steps below).
+        G = g.outer // g.N
+        row_mean, row_m2 = np.empty(g.N * g.C), np.empty(g.N * g.C)
+        mean, m2, rstd = np.empty(g.outer), np.empty(g.outer), np.empty(g.outer)
+        cl_group_forward(x3, y3, G, w, bias, eps, row_mean, row_m2, mean, m2, rstd, n_threads)
+        saved = Saved(x3, x.shape, g, mean, rstd, w, True)
+        return channels_last_like(y3, x.shape), saved, BatchStats(row_mean, row_m2, mean, m2)
+    if stats is None:
+        row_mean, row_m2 = np.empty(g.N * g.C), np.empty(g.N * g.C)
+        cl_moments(x3, row_mean, row_m2, n_threads)
+        if g.k == 1:
+            mean, m2 = row_mean, row_m2
+        else:
+            mean, m2 = np.empty(g.outer * g.inner), np.empty(g.outer * g.inner)
+            merge_moments(row_mean, row_m2, g.L, g.outer, g.k, g.inner, mean, m2)
+        batch = BatchStats(row_mean, row_m2, mean, m2)
+        var = m2 / (g.k * g.L)
+    else:
+        mean, var = (np.asarray(s, dtype=np.float64) for s in stats)
+    rstd = 1.0 / np.sqrt(np.maximum(var, 0.0) + eps)
+    center = g.group_to_rows(mean)
+    scale = g.group_to_rows(rstd) * g.channel_to_rows(w)
+    cl_apply(x3, y3, center, scale, g.channel_to_rows(bias), g.period, n_threads)
+    saved = Saved(x3, x.shape, g, mean, rstd, w, stats is None)
+    return channels_last_like(y3, x.shape), saved, batch
+
+
 def backward(dy, saved, n_threads):
     """dx, dweight, dbias (float64 per channel) for the forward that produced `saved`."""
     g = saved.grouping
     x2 = saved.x2
-    dy2 = as_rows(dy, g.N, g.C)
-    dx2 = np.empty_like(x2)
     R = g.N * g.C
-    if saved.batch_stats and g.inner == 1:
+    layout_cl = x2.ndim == 3
+    if layout_cl:
+        # Channels-last forward: dy in the same layout (a copy only if dy is not).
+        dy2 = np.ascontiguousarray(np.moveaxis(dy, 1, -1)).reshape(x2.shape)
+        grad_sums, apply_backward = cl_grad_sums, cl_apply_backward
+    else:
+        dy2 = as_rows(dy, g.N, g.C)
+        grad_sums, apply_backward = row_grad_sums, apply_rows_backward
+    dx2 = np.empty_like(x2)
+    if saved.batch_stats and g.inner == 1 and not layout_cl:
         # Groups of consecutive rows with their own statistics: fused, one read of x and dy.
         sdy = np.empty(R)
         sdyxc = np.empty(R)
@@ -171,7 +232,7 @@ def backward(dy, saved, n_threads):
     w_rows = g.channel_to_rows(saved.weight)
     sdy = np.empty(R)
     sdyxc = np.empty(R)
-    row_grad_sums(x2, dy2, center, g.period, sdy, sdyxc, n_threads)
+    grad_sums(x2, dy2, center, g.period, sdy, sdyxc, n_threads)
 
     # Parameter gradients: sums over the rows of each channel, in batch order.
     dbias = _channel_sums(sdy, g)
@@ -199,7 +260,9 @@ def backward(dy, saved, n_threads):
     else:
         # Given (running) statistics are constants: dx = gamma * rstd * dy.
         b = c = np.zeros(g.period)
-    apply_rows_backward(dy2, x2, dx2, center, a, b, c, g.period, n_threads)
+    apply_backward(dy2, x2, dx2, center, a, b, c, g.period, n_threads)
+    if layout_cl:
+        return channels_last_like(dx2, saved.shape), dweight, dbias
     return dx2.reshape(saved.shape), dweight, dbias
 
 
