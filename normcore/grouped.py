@@ -197,7 +197,7 @@ def _forward_channels_last(x, x3, g, w, bias, eps, n_threads, stats):
         batch = BatchStats(row_mean, row_m2, mean, m2)
         var = m2 / (g.k * g.L)
     else:
-        mean, var = (np.asarray(s, dtype=np.float64) for s in stats)
+        mean, var = (np.array(s, dtype=np.float64) for s in stats)  # copies: saved for backward
     rstd = 1.0 / np.sqrt(np.maximum(var, 0.0) + eps)
     center = g.group_to_rows(mean)
     scale = g.group_to_rows(rstd) * g.channel_to_rows(w)

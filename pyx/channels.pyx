@@ -17,8 +17,17 @@ from fused_types cimport floating
 from chunking cimport BLOCK, n_blocks, block_len, use_threads
 from blocks cimport apply_forward, block_moments, merge_block_moments, nc_merge_step, nc_rstd
 
+cdef extern from "row_ops.h" nogil:
+    void nc_apply_rows_range_f32(const float* x, float* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
+                                 Py_ssize_t period, const double* center, const double* scale,
+                                 const double* shift)
+    void nc_apply_rows_range_f64(const double* x, double* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
+                                 Py_ssize_t period, const double* center, const double* scale,
+                                 const double* shift)
+
 cdef enum:
     STACK_ROWS = 256   # row statistics of at most this many rows stay on the stack
+    TASK_VALUES = 4096 # rows of one row block are applied in tasks of about this many values
 
 
 def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
@@ -34,7 +43,8 @@ def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
                     int n_threads=1):
     """Normalise per channel; batch_stats False: mean and m2 hold the given mean and variance."""
     cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
-    cdef Py_ssize_t N, nb, t, r, b, c, n
+    cdef Py_ssize_t N, nb, t, r, b, c, n, per
+    cdef double[::1] scale
     cdef double s, q, d
     cdef double stack_buf[2 * STACK_ROWS]
     cdef double* rows = stack_buf
@@ -84,8 +94,24 @@ def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
     else:
         for c in range(C):
             rstd[c] = nc_rstd(m2[c], 1.0, eps)
+    scale = np.empty(C)
+    for c in range(C):
+        scale[c] = rstd[c] * weight[c]
+    if nb == 1:
+        # Short rows: tasks of several rows, one call each (the apply is element-wise: how rows
+        # are grouped into tasks changes no bit).
+        per = max(1, TASK_VALUES // L)
+        for t in prange((R + per - 1) // per, nogil=True, num_threads=n_threads, use_threads_if=par,
+                        schedule="static"):
+            if floating is float:
+                nc_apply_rows_range_f32(&x[0, 0], &y[0, 0], t * per, min(R, t * per + per), L, C, &mean[0],
+                                        &scale[0], &bias[0])
+            else:
+                nc_apply_rows_range_f64(&x[0, 0], &y[0, 0], t * per, min(R, t * per + per), L, C, &mean[0],
+                                        &scale[0], &bias[0])
+        return
     for t in prange(R * nb, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
         r = t // nb
         b = t - r * nb
         c = r % C
-        apply_forward(&x[r, b * BLOCK], &y[r, b * BLOCK], block_len(L, b), mean[c], rstd[c] * weight[c], bias[c])
+        apply_forward(&x[r, b * BLOCK], &y[r, b * BLOCK], block_len(L, b), mean[c], scale[c], bias[c])

@@ -50,7 +50,7 @@ def _check(x, arrays, Py_ssize_t period, coeffs, per_row=()):
     for v in arrays:
         if tuple(v.shape[:3]) != (N, L, C):
             raise ValueError(f"arrays must have the shape of x ({N}, {L}, {C})")
-    if period < 1 or (N * C > 0 and (N * C) % period != 0) or (C > 0 and period % C != 0):
+    if N * C > 0 and (period < 1 or (N * C) % period != 0 or period % C != 0):
         raise ValueError(f"period must be a multiple of C={C} dividing N*C={N * C}, got {period}")
     for v in coeffs:
         if v.shape[0] < min(period, N * C):
@@ -228,7 +228,7 @@ def cl_group_forward(const floating[:, :, ::1] x,   # IN  [N, L, C]
     cdef double[:, ::1] scratch
     cdef floating[:, :, ::1] co
     cdef bint par = use_threads(n_threads, N * L * C)
-    if G < 1 or C % G != 0:
+    if G < 1 or (C > 0 and C % G != 0):
         raise ValueError(f"G={G} must divide C={C}")
     _check(x, (y,), C, (weight, bias), (row_mean, row_m2))
     if mean.shape[0] != N * G or m2.shape[0] != N * G or rstd.shape[0] != N * G:

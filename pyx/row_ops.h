@@ -423,6 +423,22 @@ NC_MULTIVERSION static void nc_apply_rows_bwd_##SFX(const T *dy, const T *x, T *
                                                     double b, double c)                         \
 { nc_apply_bwd_##SFX(dy, x, dx, n, center, a, b, c); }                                          \
                                                                                                 \
+/* Rows r0 .. r1-1 of L (x, y point at row 0), row r with coefficients [r % period]: one call  \
+ * for many short rows (the channel index is counted, not divided). */                        \
+NC_MULTIVERSION static void nc_apply_rows_range_##SFX(const T *x, T *y, ptrdiff_t r0, ptrdiff_t r1, \
+                                                      ptrdiff_t L, ptrdiff_t period,            \
+                                                      const double *center,                     \
+                                                      const double *scale,                      \
+                                                      const double *shift)                      \
+{                                                                                               \
+    ptrdiff_t p = r0 % period;                                                                  \
+    for (ptrdiff_t r = r0; r < r1; r++) {                                                       \
+        nc_apply_##SFX(x + r * L, y + r * L, L, center[p], scale[p], shift[p]);                 \
+        if (++p == period)                                                                      \
+            p = 0;                                                                              \
+    }                                                                                           \
+}                                                                                               \
+                                                                                                \
 /* One group of k rows of L (contiguous), forward: moments of its k*L values, then each row   \
  * r = c0 .. c0+k-1 (channel c = r % C) gets y = (x - mean) * (rstd * w[c]) + bias[c]. */      \
 NC_MULTIVERSION static void nc_group_forward_##SFX(const T *x, T *y, ptrdiff_t k, ptrdiff_t L,  \

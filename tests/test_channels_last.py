@@ -1,0 +1,934 @@
+"""Channels-last input: x (N, C, *spatial) whose memory is (N, *spatial, C) C-contiguous.
+
+BatchNorm, InstanceNorm and GroupNorm read such an x without a transposing copy, as an
+[N, L, C] view, through the kernels of normcore._kernels.channels_last (pyx/channels_last.pyx,
+pyx/cl_ops.h), and return y and dx channels-last too. Here:
+
+1. layers: a channels-last x gives the y, dx, parameter gradients and running statistics of
+   the same layer fed the C-contiguous copy of x, over training steps then eval; y and dx
+   are channels-last; x (and dy) are left alone; dy in either layout gives the same dx;
+2. against torch.nn on channels-last tensors;
+3. every kernel against a plain float64 NumPy twin written here (sizes around the 256
+   positions of a chunk and the 4 rows of the unrolled column sums; in place; period C,
+   a multiple of C, N * C); ValueError for wrong shapes and periods;
+4. bitwise determinism over 1, 2 and 3 threads, and the fused cl_group_forward against its
+   separate steps (cl_moments + merge_moments + cl_apply), in the kernels and in the layers;
+5. a constant channel normalises to exactly beta, a NaN stays in its channel.
+
+Sizes that matter (pyx/cl_ops.h, pyx/chunking.pxd): NC_CL_CHUNK = 256 positions of one sample
+per chunk, column sums taken NC_CL_ROWS = 4 rows at a time; PARALLEL_MIN = 65536 elements
+before any thread is started. grouped._forward_channels_last takes the fused cl_group_forward
+for InstanceNorm / GroupNorm with their own statistics when N >= n_threads, and the separate
+cl_moments + merge_moments + cl_apply otherwise.
+"""
+import collections
+
+import numpy as np
+import pytest
+
+import normcore as nc
+from normcore import grouped
+from normcore._kernels.channels_last import cl_apply, cl_apply_backward, cl_grad_sums, cl_group_forward, cl_moments
+from normcore._kernels.combine import merge_moments
+
+CHUNK = 256
+ROWS = 4
+PARALLEL_MIN = 65536
+EPS = 1e-5
+DTYPES = [np.float32, np.float64]
+# Layers, channels-last against C-contiguous: error relative to the largest magnitude of the
+# C-contiguous result. The two differ only in the order of float64 sums, so float64 agrees to
+# a few 1e-16 and float32 to at most an ulp of the float32 result (mostly bit for bit).
+LAYER_TOL = {np.float32: 4 * float(np.finfo(np.float32).eps), np.float64: 1e-12}
+# Kernels against the float64 twins (as tests/test_kernels.py): float64 sums to 1e-12 of the
+# sum of the magnitudes of their terms; element-wise outputs in the array type to RTOL_OUT of
+# the magnitude of the terms of their formula.
+RTOL_SUM = 1e-12
+RTOL_OUT = {np.float32: 1e-6, np.float64: 1e-12}
+KERNELS = ("cl_moments", "cl_grad_sums", "cl_apply", "cl_apply_backward", "cl_group_forward")
+
+
+@pytest.fixture(autouse=True)
+def default_threads():
+    """Every test starts and ends with the default thread count."""
+    nc.set_num_threads(None)
+    yield
+    nc.set_num_threads(None)
+
+
+@pytest.fixture
+def cl_calls(monkeypatch):
+    """Counts the calls grouped.py makes to each channels-last kernel."""
+    calls = collections.Counter()
+    for name in KERNELS:
+        def spy(*args, _fn=getattr(grouped, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(grouped, name, spy)
+    return calls
+
+
+def f64(a):
+    return np.asarray(a, dtype=np.float64)
+
+
+def to_cl(a):
+    """The same values, stored channels-last: an (N, C, *spatial) view of an (N, *spatial, C)
+    C-contiguous array."""
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+
+def is_cl(a, channel_axis=1):
+    return np.moveaxis(a, channel_axis, -1).flags.c_contiguous
+
+
+def make(rng, shape, dtype, loc=0.0, spread=1.0):
+    return (loc + spread * rng.standard_normal(shape)).astype(dtype)
+
+
+def assert_close(got, want, dtype, what):
+    """|got - want| <= LAYER_TOL[dtype] * max|want| element-wise (NaN counts as an error)."""
+    got, want = f64(got), f64(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    scale = float(np.abs(want).max(initial=0.0))
+    err = np.abs(got - want)
+    bad = ~(err <= LAYER_TOL[dtype] * scale)
+    if bad.any():
+        i = np.flatnonzero(bad.ravel())[0]
+        raise AssertionError(f"{what}: {bad.sum()} of {bad.size} differ beyond {LAYER_TOL[dtype]:.1e} * "
+                             f"{scale:.3g}; first at {i}: got {got.ravel()[i]!r}, want {want.ravel()[i]!r}")
+
+
+def assert_within(got, want, scale, rtol, what):
+    """|got - want| <= rtol * scale, element-wise (scale: magnitude of the terms of `want`)."""
+    got, want, scale = f64(got), f64(want), f64(scale)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    bad = ~(np.abs(got - want) <= rtol * scale)
+    if bad.any():
+        i = np.flatnonzero(bad.ravel())[0]
+        raise AssertionError(f"{what}: {bad.sum()} of {bad.size} outside rtol={rtol}; first at {i}: "
+                             f"got {got.ravel()[i]!r}, want {want.ravel()[i]!r}, scale {scale.ravel()[i]!r}")
+
+
+def same_bits(a, b):
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+# ================================================================================ 1. layers
+
+def randomize(m, seed):
+    """The same random weight and bias for two layers built alike."""
+    rng = np.random.default_rng(seed)
+    for name, p in m.parameters().items():
+        p[...] = rng.uniform(0.5, 1.5, p.shape) * rng.choice([-1, 1], p.shape) if name == "weight" \
+            else rng.normal(0.0, 0.5, p.shape)
+
+
+def state_of(m):
+    return {k: np.array(v, copy=True) for k, v in m.state_dict().items()}
+
+
+# id -> (factory taking dtype, input shape). Shapes: L > 256 positions and not a multiple of
+# it ((17, 19): 323 = one chunk + 67; (4, 9, 9): 324); N = 1; H = 1 (L = W); C = 1 and L = 1,
+# whose channels-last copy is also C-contiguous (the NCHW path; kept to check the dispatch).
+LAYER_CASES = {
+    "bn2d": (lambda dt: nc.BatchNorm2d(5, dtype=dt), (3, 5, 17, 19)),
+    "bn2d-small": (lambda dt: nc.BatchNorm2d(3, dtype=dt), (4, 3, 6, 5)),
+    "bn2d-N1": (lambda dt: nc.BatchNorm2d(4, dtype=dt), (1, 4, 5, 6)),
+    "bn2d-H1": (lambda dt: nc.BatchNorm2d(3, dtype=dt), (4, 3, 1, 7)),
+    "bn2d-C1": (lambda dt: nc.BatchNorm2d(1, dtype=dt), (5, 1, 4, 4)),
+    "bn2d-L1": (lambda dt: nc.BatchNorm2d(3, dtype=dt), (6, 3, 1, 1)),
+    "bn2d-momentum-None": (lambda dt: nc.BatchNorm2d(3, momentum=None, dtype=dt), (2, 3, 9, 31)),
+    "bn2d-no-affine-no-stats": (
+        lambda dt: nc.BatchNorm2d(3, affine=False, track_running_stats=False, dtype=dt), (2, 3, 9, 31)),
+    "bn1d": (lambda dt: nc.BatchNorm1d(5, dtype=dt), (4, 5, 7)),
+    "bn1d-long": (lambda dt: nc.BatchNorm1d(4, dtype=dt), (3, 4, 300)),
+    "bn3d": (lambda dt: nc.BatchNorm3d(3, dtype=dt), (2, 3, 3, 4, 5)),
+    "bn3d-long": (lambda dt: nc.BatchNorm3d(3, dtype=dt), (2, 3, 4, 9, 9)),
+    "in2d": (lambda dt: nc.InstanceNorm2d(5, dtype=dt), (3, 5, 17, 19)),
+    "in2d-affine": (lambda dt: nc.InstanceNorm2d(5, affine=True, dtype=dt), (3, 5, 17, 19)),
+    "in2d-stats": (lambda dt: nc.InstanceNorm2d(5, track_running_stats=True, dtype=dt), (3, 5, 17, 19)),
+    "in2d-affine-stats": (
+        lambda dt: nc.InstanceNorm2d(4, affine=True, track_running_stats=True, dtype=dt), (2, 4, 6, 5)),
+    "in2d-N1": (lambda dt: nc.InstanceNorm2d(4, affine=True, track_running_stats=True, dtype=dt), (1, 4, 5, 6)),
+    "in2d-H1": (lambda dt: nc.InstanceNorm2d(3, affine=True, dtype=dt), (4, 3, 1, 7)),
+    "in2d-C1": (lambda dt: nc.InstanceNorm2d(1, affine=True, track_running_stats=True, dtype=dt), (3, 1, 4, 4)),
+    "in2d-unbatched": (lambda dt: nc.InstanceNorm2d(4, affine=True, track_running_stats=True, dtype=dt),
+                       (4, 6, 5)),
+    "in1d": (lambda dt: nc.InstanceNorm1d(5, affine=True, track_running_stats=True, dtype=dt), (4, 5, 7)),
+    "in1d-long": (lambda dt: nc.InstanceNorm1d(3, dtype=dt), (2, 3, 300)),
+    "in1d-unbatched": (lambda dt: nc.InstanceNorm1d(3, affine=True, dtype=dt), (3, 260)),
+    "in3d": (lambda dt: nc.InstanceNorm3d(3, affine=True, track_running_stats=True, dtype=dt), (2, 3, 4, 9, 9)),
+    "gn-G1": (lambda dt: nc.GroupNorm(1, 6, dtype=dt), (3, 6, 17, 19)),
+    "gn-G3": (lambda dt: nc.GroupNorm(3, 6, dtype=dt), (3, 6, 17, 19)),
+    "gn-GC": (lambda dt: nc.GroupNorm(6, 6, dtype=dt), (3, 6, 17, 19)),
+    "gn-no-affine": (lambda dt: nc.GroupNorm(2, 4, affine=False, dtype=dt), (2, 4, 5, 6)),
+    "gn-N1": (lambda dt: nc.GroupNorm(2, 8, dtype=dt), (1, 8, 5, 6)),
+    "gn-3d-input": (lambda dt: nc.GroupNorm(2, 4, dtype=dt), (3, 4, 300)),
+    "gn-5d-input": (lambda dt: nc.GroupNorm(3, 6, dtype=dt), (2, 6, 3, 4, 5)),
+    "gn-C1": (lambda dt: nc.GroupNorm(1, 1, dtype=dt), (3, 1, 4, 4)),
+}
+
+
+def unbatched(shape, m):
+    return isinstance(m, (nc.InstanceNorm1d, nc.InstanceNorm2d, nc.InstanceNorm3d)) and \
+        len(shape) == m._no_batch_dim
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_layer_matches_c_contiguous(case, dtype, cl_calls):
+    """Three training steps then two eval steps on two identical layers, one fed the
+    channels-last x, the other its C-contiguous copy: same y, dx, gradients and state."""
+    factory, shape = LAYER_CASES[case]
+    ref, m = factory(dtype), factory(dtype)
+    randomize(ref, 1)
+    randomize(m, 1)
+    unb = unbatched(shape, m)
+    layout = (lambda a: to_cl(a[None])[0]) if unb else to_cl
+    ch = 0 if unb else 1
+    rng = np.random.default_rng(2)
+    steps = 3
+    for step in range(steps + 2):
+        if step == steps:
+            ref.eval()
+            m.eval()
+        a = make(rng, shape, dtype, loc=1.0, spread=2.0)
+        g = make(rng, shape, dtype)
+        x, dy_cl = layout(a), layout(g)
+        assert is_cl(x, ch) and np.array_equal(x, a)
+        through_cl = not x.flags.c_contiguous  # C = 1 or L = 1: channels-last is C-contiguous too
+        x_before, dy_before = x.copy(order="K"), dy_cl.copy(order="K")
+
+        calls = sum(cl_calls.values())
+        y_ref = ref(a)
+        dx_ref = ref.backward(g)
+        assert sum(cl_calls.values()) == calls, "a C-contiguous x went through the channels-last kernels"
+        y = m(x)
+        dx = m.backward(dy_cl)
+        assert (sum(cl_calls.values()) > calls) == through_cl, "channels-last x did not take the channels-last path"
+        grads = {k: v.copy() for k, v in m.grads.items()}
+        dx2 = m.backward(g)  # dy in NCHW layout for a channels-last forward
+
+        what = f"{case} step {step}"
+        # the inputs are untouched
+        assert same_bits(x, x_before) and x.strides == x_before.strides, f"{what}: x modified"
+        assert same_bits(dy_cl, dy_before), f"{what}: dy modified"
+        # layout, dtype, no aliasing of the input
+        for name, out in (("y", y), ("dx", dx), ("dx from NCHW dy", dx2)):
+            assert out.shape == shape and out.dtype == dtype, f"{what}: {name}"
+            assert is_cl(out, ch), f"{what}: {name} is not channels-last, strides {out.strides}"
+            assert not np.shares_memory(out, x), f"{what}: {name} shares memory with x"
+        assert not np.shares_memory(dx, dy_cl)
+        # values
+        assert_close(y, y_ref, dtype, f"{what}: y")
+        assert_close(dx, dx_ref, dtype, f"{what}: dx")
+        assert same_bits(dx2, dx), f"{what}: dx depends on the layout of dy"
+        assert m.grads.keys() == ref.grads.keys() == grads.keys()
+        for k in ref.grads:
+            assert m.grads[k].dtype == ref.grads[k].dtype == dtype
+            assert same_bits(m.grads[k], grads[k]), f"{what}: grad {k} depends on the layout of dy"
+            assert_close(m.grads[k], ref.grads[k], dtype, f"{what}: grad {k}")
+        s_ref, s = state_of(ref), state_of(m)
+        assert s.keys() == s_ref.keys()
+        for k in s_ref:
+            assert s[k].dtype == s_ref[k].dtype, k
+            if k == "num_batches_tracked":
+                assert s[k] == s_ref[k]
+            else:
+                assert_close(s[k], s_ref[k], dtype, f"{what}: {k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_large_offset_and_read_only(dtype, cl_calls):
+    """x = 1e4 + N(0, 1) (float32 keeps ~3 digits of the deviation), read-only, channels-last.
+    The weight gradient sum(dy * (x - mean)) * rstd then carries the rounding of the mean,
+    ~ulp(1e4), times sum(dy) in either path (both are that far from an exact reference): its
+    tolerance adds 16 eps * max|x| * sum_n |sum_l dy| per channel (rstd ~ 1 here)."""
+    shape = (3, 4, 17, 19)
+    rng = np.random.default_rng(3)
+    for factory in (lambda: nc.BatchNorm2d(4, dtype=dtype), lambda: nc.InstanceNorm2d(4, affine=True, dtype=dtype),
+                    lambda: nc.GroupNorm(2, 4, dtype=dtype)):
+        ref, m = factory(), factory()
+        randomize(ref, 4)
+        randomize(m, 4)
+        a = make(rng, shape, dtype, loc=1e4)
+        g = make(rng, shape, dtype)
+        x, dy = to_cl(a), to_cl(g)
+        x.setflags(write=False)
+        dy.setflags(write=False)
+        y, y_ref = m(x), ref(a)
+        dx, dx_ref = m.backward(dy), ref.backward(g)
+        assert cl_calls["cl_apply_backward"] > 0
+        assert is_cl(y) and is_cl(dx)
+        assert_close(y, y_ref, dtype, "y")
+        assert_close(dx, dx_ref, dtype, "dx")
+        assert_close(m.grads["bias"], ref.grads["bias"], dtype, "grad bias")
+        want = f64(ref.grads["weight"])
+        slack = 16 * np.finfo(np.float64).eps * np.abs(f64(a)).max() * np.abs(f64(g).sum((2, 3))).sum(0)
+        err = np.abs(f64(m.grads["weight"]) - want)
+        assert np.all(err <= LAYER_TOL[dtype] * np.abs(want).max() + slack), (err, slack)
+
+
+# ================================================================================ 2. torch
+
+def _torch_cases():
+    return {
+        "bn2d": (lambda t, dt: t.BatchNorm2d(6, dtype=dt), lambda dt: nc.BatchNorm2d(6, dtype=dt), (3, 6, 17, 19)),
+        "bn3d": (lambda t, dt: t.BatchNorm3d(3, dtype=dt), lambda dt: nc.BatchNorm3d(3, dtype=dt), (2, 3, 4, 9, 9)),
+        "bn1d": (lambda t, dt: t.BatchNorm1d(4, dtype=dt), lambda dt: nc.BatchNorm1d(4, dtype=dt), (3, 4, 300)),
+        "in2d": (lambda t, dt: t.InstanceNorm2d(6, affine=True, track_running_stats=True, dtype=dt),
+                 lambda dt: nc.InstanceNorm2d(6, affine=True, track_running_stats=True, dtype=dt), (3, 6, 17, 19)),
+        "gn": (lambda t, dt: t.GroupNorm(3, 6, dtype=dt), lambda dt: nc.GroupNorm(3, 6, dtype=dt), (3, 6, 17, 19)),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["bn2d", "bn3d", "bn1d", "in2d", "gn"])
+def test_matches_torch(case, dtype):
+    torch = pytest.importorskip("torch")
+    tdt = {np.float32: torch.float32, np.float64: torch.float64}[dtype]
+    tol = {np.float32: 1e-5, np.float64: 1e-10}[dtype]
+    make_t, make_nc, shape = _torch_cases()[case]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        tm, m = make_t(torch.nn, tdt), make_nc(dtype)
+        randomize(m, 5)
+        with torch.no_grad():
+            for k, p in m.parameters().items():
+                getattr(tm, k).copy_(torch.from_numpy(p))
+        rng = np.random.default_rng(6)
+
+        def close(got, want, what):
+            got, want = f64(got), f64(want)
+            err = float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
+            assert err <= tol, f"{case} {what}: relative error {err:.2e} > {tol:.0e}"
+
+        for step in range(4):
+            if step == 2:
+                tm.eval()
+                m.eval()
+            x = to_cl(make(rng, shape, dtype, loc=0.5, spread=3.0))
+            dy = to_cl(make(rng, shape, dtype))
+            xt = torch.from_numpy(x).requires_grad_()  # keeps the channels-last strides
+            yt = tm(xt)
+            yt.backward(torch.from_numpy(dy))
+            y = m(x)
+            dx = m.backward(dy)
+            close(y, yt.detach().numpy(), f"y step {step}")
+            close(dx, xt.grad.numpy(), f"dx step {step}")
+            for k in m.grads:
+                close(m.grads[k], getattr(tm, k).grad.numpy(), f"grad {k} step {step}")
+                getattr(tm, k).grad = None
+            for k in ("running_mean", "running_var"):
+                if getattr(m, k, None) is not None:
+                    close(getattr(m, k), getattr(tm, k).numpy(), f"{k} step {step}")
+            assert is_cl(y) and is_cl(dx)
+            if case in ("bn2d", "bn3d", "gn"):
+                # torch keeps the memory format of 4D / 5D BatchNorm and GroupNorm (not of
+                # InstanceNorm, nor of 3D input): the same strides as normcore's.
+                itemsize = np.dtype(dtype).itemsize
+                assert yt.stride() == tuple(s // itemsize for s in y.strides)
+                assert xt.grad.stride() == tuple(s // itemsize for s in dx.strides)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ================================================================================ 3. kernels
+
+def np_cl_moments(x3):
+    """mean and M2 per (n, c) over the L positions, index n * C + c; and max |x| per (n, c)."""
+    xd = f64(x3)
+    mean = xd.mean(axis=1)
+    m2 = ((xd - mean[:, None, :]) ** 2).sum(axis=1)
+    return mean.ravel(), m2.ravel(), np.abs(xd).max(axis=1).ravel()
+
+
+def per_row(v, N, C, period):
+    """Coefficient array indexed (n * C + c) % period, as [N, 1, C] to broadcast over x3."""
+    return f64(v)[np.arange(N * C) % period].reshape(N, 1, C)
+
+
+def np_cl_grad_sums(x3, dy3, center, period):
+    """sum(dy), sum(dy * (x - center)) per (n, c) and the sums of their magnitudes."""
+    N, L, C = x3.shape
+    d = f64(dy3)
+    t = d * (f64(x3) - per_row(center, N, C, period))
+    return d.sum(1).ravel(), t.sum(1).ravel(), np.abs(d).sum(1).ravel(), np.abs(t).sum(1).ravel()
+
+
+def np_cl_apply(x3, center, scale, shift, period):
+    """y = (x - center) * scale + shift and the magnitude of its terms."""
+    N, L, C = x3.shape
+    t = (f64(x3) - per_row(center, N, C, period)) * per_row(scale, N, C, period)
+    s = per_row(shift, N, C, period)
+    return t + s, np.abs(t) + np.abs(s)
+
+
+def np_cl_apply_backward(dy3, x3, center, a, b, c, period):
+    """dx = a * dy + (b * (x - center) + c) in float64 and the magnitude of its terms."""
+    N, L, C = x3.shape
+    t1 = per_row(a, N, C, period) * f64(dy3)
+    t2 = per_row(b, N, C, period) * (f64(x3) - per_row(center, N, C, period))
+    t3 = per_row(c, N, C, period) + 0 * t1
+    return t1 + (t2 + t3), np.abs(t1) + np.abs(t2) + np.abs(t3)
+
+
+def np_cl_group_forward(x3, G, weight, bias, eps):
+    """GroupNorm of [N, L, C] with groups of C/G consecutive channels: mean, M2, rstd per
+    (n, g) (index n * G + g), y, the magnitude of y's terms and that of x * rstd * w and
+    mean * rstd * w (the error of the statistics, where x is close to the mean)."""
+    N, L, C = x3.shape
+    k = C // G
+    xg = f64(x3).reshape(N, L, G, k).transpose(0, 2, 1, 3).reshape(N * G, L * k)
+    mean = xg.mean(1)
+    m2 = ((xg - mean[:, None]) ** 2).sum(1)
+    rstd = 1.0 / np.sqrt(np.maximum(m2 / (k * L), 0.0) + eps)
+    mean_c = np.repeat(mean.reshape(N, G), k, axis=1)[:, None, :]  # [N, 1, C]
+    a = np.repeat(rstd.reshape(N, G), k, axis=1)[:, None, :] * f64(weight)[None, None, :]
+    t = (f64(x3) - mean_c) * a
+    terms = (np.abs(f64(x3)) + np.abs(mean_c)) * np.abs(a)
+    b = f64(bias)[None, None, :]
+    return mean, m2, rstd, t + b, np.abs(t) + np.abs(b), terms
+
+
+# (N, L, C): one value; L below, at and just past the 4 unrolled rows (C = 6: groups of 2
+# and 3 channels); C = 1; exactly one
+# chunk, one past it, several chunks with a tail (700 = 2 * 256 + 188); N = 1 with chunks;
+# a wide C; and inputs over PARALLEL_MIN (threaded with n_threads = 3), one with L < CHUNK.
+KERNEL_SHAPES = [
+    (1, 1, 1),
+    (2, 1, 3),
+    (2, 3, 5),
+    (3, ROWS, 7),
+    (2, ROWS + 1, 6),
+    (2, 13, 1),
+    (2, CHUNK, 3),
+    (2, CHUNK + 1, 3),
+    (3, 2 * CHUNK + 188, 5),
+    (1, 1000, 1),
+    (4, 300, 64),
+    (3, 700, 40),
+    (40, 70, 24),
+]
+KERNEL_THREADS = [1, 3]
+
+
+def periods(N, C):
+    """C, a multiple of C in between when N has a divisor, and N * C."""
+    d = next((d for d in range(2, N) if N % d == 0), None)
+    return sorted({C, N * C} | ({d * C} if d else set()))
+
+
+@pytest.mark.parametrize("n_threads", KERNEL_THREADS)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cl_moments(dtype, shape, n_threads):
+    N, L, C = shape
+    x = make(np.random.default_rng(10), shape, dtype, loc=3.0, spread=2.0)
+    mean, m2 = np.full(N * C, np.nan), np.full(N * C, np.nan)
+    cl_moments(x, mean, m2, n_threads)
+    want_mean, want_m2, xmax = np_cl_moments(x)
+    assert_within(mean, want_mean, xmax, RTOL_SUM, "mean")
+    assert_within(m2, want_m2, want_m2, RTOL_SUM, "M2")
+    if L == 1:
+        assert np.array_equal(mean, f64(x).ravel()) and np.all(m2 == 0.0)
+
+
+@pytest.mark.parametrize("L", [5, CHUNK + 3, 1000])
+def test_cl_moments_large_mean_float32(L):
+    """x = 1e4 + N(0, 1) in float32: variance to 1e-10 relative."""
+    x = make(np.random.default_rng(11), (2, L, 3), np.float32, loc=1e4)
+    mean, m2 = np.empty(6), np.empty(6)
+    cl_moments(x, mean, m2)
+    want_mean, want_m2, _ = np_cl_moments(x)
+    assert np.all(np.abs(m2 - want_m2) < 1e-10 * want_m2), (m2, want_m2)
+    assert np.all(np.abs(mean - want_mean) < 1e-14 * 1e4), (mean, want_mean)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("pos", [0, 1, 5, CHUNK, CHUNK + 2, 600, 700])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cl_moments_non_finite_confined(dtype, pos, bad):
+    """NaN or inf at a chunk's first position (its shift), in the unrolled rows or in the
+    tail (L = 701: the last chunk is 47 * 4 rows + 1): M2 of that (n, c) is NaN, every other
+    (n, c) is the bits of the clean input."""
+    N, L, C = 2, 701, 5
+    x = make(np.random.default_rng(12), (N, L, C), dtype, loc=1.0)
+    clean = np.empty(N * C), np.empty(N * C)
+    cl_moments(x, *clean)
+    x[1, pos, 3] = bad
+    got = np.empty(N * C), np.empty(N * C)
+    cl_moments(x, *got)
+    i = 1 * C + 3
+    assert np.isnan(got[1][i]), f"M2 of a column holding {bad} is {got[1][i]}"
+    others = np.arange(N * C) != i
+    assert same_bits(got[0][others], clean[0][others]) and same_bits(got[1][others], clean[1][others])
+
+
+@pytest.mark.parametrize("n_threads", KERNEL_THREADS)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cl_grad_sums(dtype, shape, n_threads):
+    N, L, C = shape
+    rng = np.random.default_rng(13)
+    x = make(rng, shape, dtype, loc=5.0, spread=3.0)
+    dy = make(rng, shape, dtype)
+    for period in periods(N, C):
+        center = 5.0 + rng.standard_normal(period)
+        s, t = np.full(N * C, np.nan), np.full(N * C, np.nan)
+        cl_grad_sums(x, dy, center, period, s, t, n_threads)
+        want_s, want_t, mag_s, mag_t = np_cl_grad_sums(x, dy, center, period)
+        assert_within(s, want_s, mag_s, RTOL_SUM, f"sum(dy) period={period}")
+        assert_within(t, want_t, mag_t, RTOL_SUM, f"sum(dy*(x-c)) period={period}")
+
+
+@pytest.mark.parametrize("loc", [2.0, 1.5e7], ids=["loc2", "loc1.5e7"])
+@pytest.mark.parametrize("n_threads", KERNEL_THREADS)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cl_apply(dtype, shape, n_threads, loc):
+    """Against the float64 formula. loc = 1.5e7: float32 x are integers there and the center
+    1.5e7 + fraction is not a float32; the split center (hi + lo) keeps y accurate to the
+    size of x - center, not of the center."""
+    N, L, C = shape
+    rng = np.random.default_rng(14)
+    x = make(rng, shape, dtype, loc=loc, spread=3.0)
+    for period in periods(N, C):
+        center = loc + 0.3 + rng.standard_normal(period)
+        scale = rng.uniform(0.2, 3.0, period) * rng.choice([-1.0, 1.0], period)
+        shift = rng.standard_normal(period)
+        want, mag = np_cl_apply(x, center, scale, shift, period)
+        y = np.full_like(x, np.nan)
+        cl_apply(x, y, center, scale, shift, period, n_threads)
+        assert y.dtype == dtype
+        assert_within(y, want, mag, RTOL_OUT[dtype], f"y period={period}")
+        xi = x.copy()  # y may be x itself
+        cl_apply(xi, xi, center, scale, shift, period, n_threads)
+        assert same_bits(xi, y), f"in place, period={period}"
+
+
+@pytest.mark.parametrize("n_threads", KERNEL_THREADS)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cl_apply_backward(dtype, shape, n_threads):
+    """dx is the float64 value rounded once to the array type: within half an ulp of it
+    (plus float64 rounding, 4e-16 of the terms)."""
+    N, L, C = shape
+    rng = np.random.default_rng(15)
+    x = make(rng, shape, dtype, loc=-1.0, spread=2.0)
+    dy = make(rng, shape, dtype)
+    for period in periods(N, C):
+        center = -1.0 + rng.standard_normal(period)
+        a, b, c = rng.uniform(0.5, 2.0, period), rng.standard_normal(period), rng.standard_normal(period)
+        want, mag = np_cl_apply_backward(dy, x, center, a, b, c, period)
+        dx = np.full_like(x, np.nan)
+        cl_apply_backward(dy, x, dx, center, a, b, c, period, n_threads)
+        assert dx.dtype == dtype
+        half_ulp = 0.5 * f64(np.spacing(np.abs(want).astype(dtype)))
+        bad = ~(np.abs(f64(dx) - want) <= half_ulp + 4e-16 * mag)
+        assert not bad.any(), f"period={period}: {bad.sum()} elements not want rounded once"
+        dyi = dy.copy()  # dx may be dy itself
+        cl_apply_backward(dyi, x, dyi, center, a, b, c, period, n_threads)
+        assert same_bits(dyi, dx), f"in place, period={period}"
+
+
+def group_params(rng, C):
+    return rng.uniform(0.5, 1.5, C) * rng.choice([-1.0, 1.0], C), rng.standard_normal(C)
+
+
+def divisors(C):
+    return [g for g in range(1, C + 1) if C % g == 0]
+
+
+@pytest.mark.parametrize("n_threads", KERNEL_THREADS)
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cl_group_forward(dtype, shape, n_threads):
+    """Every G dividing C (at most 4 of them: 1, the smallest, the largest below C, and C)."""
+    N, L, C = shape
+    rng = np.random.default_rng(16)
+    x = make(rng, shape, dtype, loc=4.0, spread=2.0)
+    weight, bias = group_params(rng, C)
+    ds = divisors(C)
+    for G in sorted({ds[0], ds[min(1, len(ds) - 1)], ds[max(len(ds) - 2, 0)], ds[-1]}):
+        want_mean, want_m2, want_rstd, want, mag, terms = np_cl_group_forward(x, G, weight, bias, EPS)
+        y = np.full_like(x, np.nan)
+        row_mean, row_m2 = np.full(N * C, np.nan), np.full(N * C, np.nan)
+        mean, m2, rstd = (np.full(N * G, np.nan) for _ in range(3))
+        cl_group_forward(x, y, G, weight, bias, EPS, row_mean, row_m2, mean, m2, rstd, n_threads)
+        assert y.dtype == dtype
+        rm, rm2, xmax = np_cl_moments(x)
+        assert_within(row_mean, rm, xmax, RTOL_SUM, f"row mean G={G}")
+        assert_within(row_m2, rm2, rm2, RTOL_SUM, f"row M2 G={G}")
+        gmax = xmax.reshape(N * G, C // G).max(1)
+        assert_within(mean, want_mean, gmax, RTOL_SUM, f"mean G={G}")
+        assert_within(m2, want_m2, want_m2, RTOL_SUM, f"M2 G={G}")
+        assert_within(rstd, want_rstd, want_rstd, RTOL_SUM, f"rstd G={G}")
+        # the rounding of the apply, plus the error of the statistics where x is near the mean
+        assert_within(y, want, mag + (RTOL_SUM / RTOL_OUT[dtype]) * terms, RTOL_OUT[dtype], f"y G={G}")
+        xi = x.copy()  # y may be x itself
+        out_i = [np.empty(N * C), np.empty(N * C)] + [np.empty(N * G) for _ in range(3)]
+        cl_group_forward(xi, xi, G, weight, bias, EPS, *out_i, n_threads)
+        assert same_bits(xi, y), f"in place, G={G}"
+        assert all(same_bits(p, q) for p, q in zip(out_i, (row_mean, row_m2, mean, m2, rstd)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_batch(dtype):
+    """N == 0 (and C == 0 where the period is given): nothing to compute, nothing raised."""
+    for N, L, C in [(0, 5, 3), (0, 0, 3)]:
+        x = np.empty((N, L, C), dtype)
+        e = np.empty(0)
+        c = np.ones(C)
+        cl_moments(x, e, e)
+        cl_grad_sums(x, x, c, C, e, e)
+        cl_apply(x, x.copy(), c, c, c, C)
+        cl_apply_backward(x, x, x.copy(), c, c, c, c, C)
+        cl_group_forward(x, x.copy(), 1, c, c, EPS, e, e, e, e, e)
+    x = np.empty((2, 5, 0), dtype)
+    e = np.empty(0)
+    cl_grad_sums(x, x, np.ones(1), 1, e, e)
+    cl_apply(x, x.copy(), e, e, e, 1)
+    cl_apply_backward(x, x, x.copy(), e, e, e, e, 1)
+
+
+@pytest.mark.parametrize("kernel", ["cl_moments", "cl_group_forward"])
+def test_no_channels(kernel):
+    x = np.empty((2, 5, 0))
+    e = np.empty(0)
+    if kernel == "cl_moments":
+        cl_moments(x, e, e)
+    else:
+        cl_group_forward(x, x.copy(), 1, e, e, EPS, e, e, np.empty(2), np.empty(2), np.empty(2))
+
+
+def _valid_args(dtype=np.float64):
+    """Valid arguments for every kernel: N = 2, L = 5, C = 3."""
+    N, L, C = 2, 5, 3
+    rng = np.random.default_rng(17)
+    x, dy = make(rng, (N, L, C), dtype), make(rng, (N, L, C), dtype)
+    v = lambda n: rng.uniform(0.5, 1.5, n)  # noqa: E731
+    return {
+        "cl_moments": (cl_moments, [x, np.empty(N * C), np.empty(N * C)]),
+        "cl_grad_sums": (cl_grad_sums, [x, dy, v(C), C, np.empty(N * C), np.empty(N * C)]),
+        "cl_apply": (cl_apply, [x, np.empty_like(x), v(N * C), v(N * C), v(N * C), N * C]),
+        "cl_apply_backward": (cl_apply_backward, [dy, x, np.empty_like(x), v(C), v(C), v(C), v(C), C]),
+        # G = 1: the per-group arrays (N) are shorter than the per-(n, c) ones (N * C).
+        "cl_group_forward": (cl_group_forward, [x, np.empty_like(x), 1, v(C), v(C), EPS, np.empty(N * C),
+                                                np.empty(N * C), np.empty(N), np.empty(N), np.empty(N)]),
+    }
+
+
+def _set(**changes):
+    """A change of the valid arguments: {index: new value}, applied in place."""
+    def mutate(args):
+        for i, v in changes.items():
+            args[int(i[1:])] = v
+    return mutate
+
+
+def _empty(*shape):
+    return np.empty(shape)
+
+
+SHAPE = "arrays must have the shape of x"
+PERIOD = "period must be a multiple of C"
+COEFFS = "coefficient arrays need"
+PER_ROW = r"per-\(n, c\) arrays must have"
+NO_POS = "at least one position"
+GROUPS = "must divide C"
+PER_GROUP = "per-group arrays must have"
+CONTIG = "contiguous"
+
+# id -> (kernel, change of its valid arguments, expected message): one wrong thing each.
+INVALID = {
+    "moments-mean-short": ("cl_moments", _set(a1=_empty(5)), PER_ROW),
+    "moments-m2-long": ("cl_moments", _set(a2=_empty(7)), PER_ROW),
+    "moments-no-positions": ("cl_moments", _set(a0=_empty(2, 0, 3)), NO_POS),
+    "moments-not-contiguous": ("cl_moments", _set(a0=_empty(2, 5, 6)[:, :, ::2]), CONTIG),
+    "grad-dy-positions": ("cl_grad_sums", _set(a1=_empty(2, 4, 3)), SHAPE),
+    "grad-dy-channels": ("cl_grad_sums", _set(a1=_empty(2, 5, 2)), SHAPE),
+    "grad-dy-batch": ("cl_grad_sums", _set(a1=_empty(3, 5, 3)), SHAPE),
+    "grad-period-not-multiple-of-C": ("cl_grad_sums", _set(a3=2), PERIOD),
+    "grad-period-zero": ("cl_grad_sums", _set(a3=0), PERIOD),
+    "grad-period-negative": ("cl_grad_sums", _set(a3=-3), PERIOD),
+    "grad-period-not-dividing-NC": ("cl_grad_sums", _set(a3=12), PERIOD),
+    "grad-center-short": ("cl_grad_sums", _set(a2=np.ones(2)), COEFFS),
+    "grad-sdy-short": ("cl_grad_sums", _set(a4=_empty(5)), PER_ROW),
+    "grad-sdyxc-long": ("cl_grad_sums", _set(a5=_empty(7)), PER_ROW),
+    "grad-no-positions": ("cl_grad_sums", _set(a0=_empty(2, 0, 3), a1=_empty(2, 0, 3)), NO_POS),
+    "apply-y-channels": ("cl_apply", _set(a1=_empty(2, 5, 4)), SHAPE),
+    "apply-y-batch": ("cl_apply", _set(a1=_empty(1, 5, 3)), SHAPE),
+    "apply-period-C-plus-1": ("cl_apply", _set(a5=4), PERIOD),
+    "apply-period-not-dividing-NC": ("cl_apply", _set(a5=12), PERIOD),
+    "apply-scale-short": ("cl_apply", _set(a3=np.ones(5)), COEFFS),
+    "apply-center-short": ("cl_apply", _set(a2=np.ones(3)), COEFFS),
+    "apply-shift-short": ("cl_apply", _set(a4=np.ones(5)), COEFFS),
+    "bwd-dx-shape": ("cl_apply_backward", _set(a2=_empty(2, 6, 3)), SHAPE),
+    "bwd-dy-shape": ("cl_apply_backward", _set(a0=_empty(2, 5, 1)), SHAPE),
+    "bwd-a-short": ("cl_apply_backward", _set(a4=np.ones(2)), COEFFS),
+    "bwd-c-short": ("cl_apply_backward", _set(a6=np.ones(2)), COEFFS),
+    "bwd-period-2": ("cl_apply_backward", _set(a7=2), PERIOD),
+    "bwd-period-9": ("cl_apply_backward", _set(a7=9), PERIOD),
+    "group-G-zero": ("cl_group_forward", _set(a2=0), GROUPS),
+    "group-G-not-dividing-C": ("cl_group_forward", _set(a2=2), GROUPS),
+    "group-y-shape": ("cl_group_forward", _set(a1=_empty(2, 5, 6)), SHAPE),
+    "group-weight-short": ("cl_group_forward", _set(a3=np.ones(2)), COEFFS),
+    "group-bias-short": ("cl_group_forward", _set(a4=np.ones(2)), COEFFS),
+    "group-row-mean-short": ("cl_group_forward", _set(a6=_empty(5)), PER_ROW),
+    "group-row-m2-long": ("cl_group_forward", _set(a7=_empty(12)), PER_ROW),
+    "group-mean-per-channel": ("cl_group_forward", _set(a8=_empty(6)), PER_GROUP),
+    "group-m2-short": ("cl_group_forward", _set(a9=_empty(1)), PER_GROUP),
+    "group-rstd-long": ("cl_group_forward", _set(a10=_empty(3)), PER_GROUP),
+    "group-no-positions": ("cl_group_forward", _set(a0=_empty(2, 0, 3), a1=_empty(2, 0, 3)), NO_POS),
+}
+
+
+def test_valid_arguments_pass():
+    """The baseline of INVALID: with every argument right, no kernel raises; and a period
+    between C and N * C that divides N * C (2C with N = 4) is accepted."""
+    for name, (fn, args) in _valid_args().items():
+        fn(*args)
+        fn(*args, n_threads=2)
+    x = np.ones((4, 3, 2))
+    cl_apply(x, x, np.ones(4), np.ones(4), np.ones(4), 4)
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_arguments_raise_value_error(case):
+    name, mutate, match = INVALID[case]
+    fn, args = _valid_args()[name]
+    mutate(args)
+    with pytest.raises(ValueError, match=match):
+        fn(*args)
+
+
+# ============================================================================ 4. determinism
+
+def bits(a):
+    a = np.ascontiguousarray(a)
+    return a.dtype.str, a.shape, a.tobytes()
+
+
+def assert_same_bits(results):
+    """results: {n_threads: [arrays]}; every entry equals the first bit for bit."""
+    (n0, ref), *others = results.items()
+    for n, res in others:
+        assert len(res) == len(ref)
+        for i, (a, b) in enumerate(zip(ref, res)):
+            assert bits(a) == bits(b), f"output {i}: {n0} and {n} threads differ"
+
+
+def _kernel_outputs(x, dy, n_threads):
+    N, L, C = x.shape
+    out = []
+    mean, m2 = np.empty(N * C), np.empty(N * C)
+    cl_moments(x, mean, m2, n_threads)
+    out += [mean, m2]
+    rng = np.random.default_rng(20)
+    for period in (C, N * C):
+        center, a, b, c = (rng.standard_normal(period) for _ in range(4))
+        s, t = np.empty(N * C), np.empty(N * C)
+        cl_grad_sums(x, dy, center, period, s, t, n_threads)
+        y = np.empty_like(x)
+        cl_apply(x, y, center, a, b, period, n_threads)
+        dx = np.empty_like(x)
+        cl_apply_backward(dy, x, dx, center, a, b, c, period, n_threads)
+        out += [s, t, y, dx]
+    weight, bias = group_params(rng, C)
+    for G in (1, C // 2 if C % 2 == 0 else 1, C):
+        y = np.empty_like(x)
+        stats = [np.empty(N * C), np.empty(N * C)] + [np.empty(N * G) for _ in range(3)]
+        cl_group_forward(x, y, G, weight, bias, EPS, *stats, n_threads)
+        out += [y, *stats]
+    return out
+
+
+# (N, L, C) over PARALLEL_MIN: several chunks with a tail; one sample (threads over its
+# chunks only); many short samples (one chunk each); C odd.
+DET_SHAPES = [(3, 700, 40), (1, 2100, 33), (40, 70, 24), (2, 1100, 31)]
+
+
+@pytest.mark.parametrize("shape", DET_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_same_bits_any_threads(dtype, shape):
+    assert np.prod(shape) >= PARALLEL_MIN
+    rng = np.random.default_rng(21)
+    x = make(rng, shape, dtype, loc=3.0, spread=2.0)
+    dy = make(rng, shape, dtype)
+    assert_same_bits({n: _kernel_outputs(x, dy, n) for n in (1, 2, 3)})
+
+
+def _group_separate(x, G, weight, bias, eps, n_threads):
+    """cl_group_forward's outputs from its steps run one after the other (as
+    grouped._forward_channels_last's non-fused path)."""
+    N, L, C = x.shape
+    k = C // G
+    row_mean, row_m2 = np.empty(N * C), np.empty(N * C)
+    cl_moments(x, row_mean, row_m2, n_threads)
+    if k == 1:
+        mean, m2 = row_mean, row_m2
+    else:
+        mean, m2 = np.empty(N * G), np.empty(N * G)
+        merge_moments(row_mean, row_m2, L, N * G, k, 1, mean, m2)
+    rstd = 1.0 / np.sqrt(np.maximum(m2 / (k * L), 0.0) + eps)
+    y = np.empty_like(x)
+    cl_apply(x, y, np.repeat(mean, k), np.repeat(rstd, k) * np.tile(weight, N), np.tile(bias, N), N * C, n_threads)
+    return [y, row_mean, row_m2, mean, m2, rstd]
+
+
+@pytest.mark.parametrize("n_threads", [1, 3])
+@pytest.mark.parametrize("shape", DET_SHAPES + [(2, 5, 6), (3, 2 * CHUNK + 188, 8)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_forward_fused_equals_separate_steps(dtype, shape, n_threads):
+    N, L, C = shape
+    rng = np.random.default_rng(22)
+    x = make(rng, shape, dtype, loc=7.0, spread=3.0)
+    weight, bias = group_params(rng, C)
+    for G in sorted({1, C // 2 if C % 2 == 0 else 1, C}):
+        y = np.empty_like(x)
+        fused = [y, np.empty(N * C), np.empty(N * C)] + [np.empty(N * G) for _ in range(3)]
+        cl_group_forward(x, y, G, weight, bias, EPS, *fused[1:], n_threads)
+        separate = _group_separate(x, G, weight, bias, EPS, n_threads)
+        for name, p, q in zip(("y", "row_mean", "row_m2", "mean", "m2", "rstd"), fused, separate):
+            assert same_bits(p, q), f"G={G}: {name} of cl_group_forward != the separate steps"
+
+
+def _layer_run(factory, a, g, mode):
+    """y, dx, gradients and state of a fresh layer on channels-last a, dy = g."""
+    m = factory()
+    randomize(m, 23)
+    if mode == "eval":
+        rng = np.random.default_rng(24)
+        m.running_mean[...] = rng.standard_normal(m.num_features)
+        m.running_var[...] = rng.uniform(0.5, 2.0, m.num_features)
+        m.eval()
+    y = m(a)
+    dx = m.backward(g)
+    assert is_cl(y) and is_cl(dx)
+    return [y, dx, *(m.grads[k] for k in sorted(m.grads)), *(v for _, v in sorted(state_of(m).items()))]
+
+
+# id -> (factory taking dtype, shape, mode); every input >= PARALLEL_MIN elements.
+DET_LAYERS = {
+    "bn2d": (lambda dt: nc.BatchNorm2d(16, dtype=dt), (8, 16, 24, 24), "train"),
+    "bn2d-eval": (lambda dt: nc.BatchNorm2d(16, dtype=dt), (8, 16, 24, 24), "eval"),
+    "bn3d": (lambda dt: nc.BatchNorm3d(4, dtype=dt), (2, 4, 10, 30, 30), "train"),
+    "in2d": (lambda dt: nc.InstanceNorm2d(16, affine=True, track_running_stats=True, dtype=dt),
+             (8, 16, 24, 24), "train"),
+    "in2d-eval": (lambda dt: nc.InstanceNorm2d(16, affine=True, track_running_stats=True, dtype=dt),
+                  (8, 16, 24, 24), "eval"),
+    "gn": (lambda dt: nc.GroupNorm(4, 16, dtype=dt), (8, 16, 24, 24), "train"),
+    # N = 2: fused at 1 and 2 threads, separate steps at 3 threads.
+    "in2d-N2": (lambda dt: nc.InstanceNorm2d(8, affine=True, track_running_stats=True, dtype=dt),
+                (2, 8, 70, 70), "train"),
+    "gn-N2": (lambda dt: nc.GroupNorm(4, 8, dtype=dt), (2, 8, 70, 70), "train"),
+    "gn-N2-G1": (lambda dt: nc.GroupNorm(1, 8, dtype=dt), (2, 8, 70, 70), "train"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(DET_LAYERS))
+def test_layer_same_bits_any_threads(name, dtype, cl_calls):
+    factory, shape, mode = DET_LAYERS[name]
+    assert np.prod(shape) >= PARALLEL_MIN
+    rng = np.random.default_rng(25)
+    a = to_cl(make(rng, shape, dtype, loc=3.0, spread=2.0))
+    g = to_cl(make(rng, shape, dtype))
+    results, fused = {}, {}
+    for n in (1, 2, 3):
+        nc.set_num_threads(n)
+        try:
+            before = cl_calls["cl_group_forward"]
+            results[n] = [np.array(r, copy=True) for r in _layer_run(lambda: factory(dtype), a, g, mode)]
+            fused[n] = cl_calls["cl_group_forward"] > before
+        finally:
+            nc.set_num_threads(None)
+    # The path taken: fused for InstanceNorm / GroupNorm in training when N >= threads.
+    own_stats = mode == "train" and not name.startswith("bn")
+    assert fused == {n: own_stats and shape[0] >= n for n in (1, 2, 3)}
+    assert_same_bits(results)
+
+
+# ========================================================================= 5. special values
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (3, 3, 17, 19)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_constant_channel_normalizes_to_beta(dtype, shape):
+    """Channel 1 constant at 1.5e7 (float32: x - mean must be exact) normalises to exactly
+    its bias in BatchNorm training, InstanceNorm and GroupNorm with a group per channel."""
+    rng = np.random.default_rng(26)
+    a = make(rng, shape, dtype, loc=1.5e7, spread=3.0)
+    a[:, 1] = 1.5e7
+    x = to_cl(a)
+    for m in (nc.BatchNorm2d(3, dtype=dtype), nc.InstanceNorm2d(3, affine=True, dtype=dtype),
+              nc.GroupNorm(3, 3, dtype=dtype)):
+        m.weight[...] = [0.5, 2.0, -1.5]
+        m.bias[...] = [0.25, -0.5, 2.0]
+        y = m(x)
+        assert is_cl(y)
+        assert np.all(y[:, 1] == m.bias[1]), type(m).__name__
+        assert np.all(np.isfinite(y))
+        dx = m.backward(to_cl(np.ones_like(a)))
+        assert np.all(np.isfinite(dx)) and all(np.all(np.isfinite(v)) for v in m.grads.values())
+    bn = nc.BatchNorm2d(3, dtype=dtype)
+    bn(x)
+    assert bn.running_var[1] == dtype(0.9)  # (1 - 0.1) * 1 + 0.1 * 0: the unbiased variance is 0
+
+
+@pytest.mark.parametrize("pos", [(0, 0, 0), (1, 0, 3), (1, 13, 9), (2, 16, 18)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_stays_in_its_channel(dtype, pos):
+    """A NaN in channel 2 of a channels-last BatchNorm2d: y, dx, the gradients and the running
+    statistics of channel 2 are NaN, every other channel has the bits of the input without
+    the NaN. Positions (of 17 * 19 = 323 = 256 + 67): a chunk's first, its shift ((h, w) =
+    (0, 0), and (13, 9) = position 256), inside the unrolled rows, and 322 in the tail of the
+    last chunk (64 unrolled rows + 3)."""
+    shape = (3, 4, 17, 19)
+    rng = np.random.default_rng(27)
+    a = make(rng, shape, dtype, loc=1.0, spread=2.0)
+    g = make(rng, shape, dtype)
+    an = a.copy()
+    an[(pos[0], 2, *pos[1:])] = np.nan
+
+    def run(arr):
+        m = nc.BatchNorm2d(4, dtype=dtype)
+        randomize(m, 28)
+        y = m(to_cl(arr))
+        dx = m.backward(to_cl(g))
+        return y, dx, m.grads, state_of(m)
+
+    y0, dx0, g0, s0 = run(a)
+    with np.errstate(invalid="ignore"):
+        y1, dx1, g1, s1 = run(an)
+    other = [0, 1, 3]
+    assert np.all(np.isnan(y1[:, 2])) and np.all(np.isnan(dx1[:, 2]))
+    assert same_bits(y1[:, other], y0[:, other]) and same_bits(dx1[:, other], dx0[:, other])
+    assert np.all(np.isfinite(y1[:, other])) and np.all(np.isfinite(dx1[:, other]))
+    assert np.isnan(g1["weight"][2]) and same_bits(g1["weight"][other], g0["weight"][other])
+    assert same_bits(g1["bias"], g0["bias"])  # sum(dy) does not involve x
+    for k in ("running_mean", "running_var"):
+        assert np.isnan(s1[k][2]) and same_bits(s1[k][other], s0[k][other]), k
+
+
+# ================================================================================ found bugs
+
+@pytest.mark.parametrize("cls", [nc.BatchNorm2d, nc.InstanceNorm2d])
+def test_eval_backward_uses_the_forward_statistics(cls):
+    kw = {"affine": True, "track_running_stats": True} if cls is nc.InstanceNorm2d else {}
+    rng = np.random.default_rng(29)
+    a = make(rng, (2, 3, 4, 5), np.float64)
+    g = make(rng, (2, 3, 4, 5), np.float64)
+    grads = []
+    for x in (a, to_cl(a)):
+        m = cls(3, dtype=np.float64, **kw)
+        m.running_mean[...] = [0.5, -0.5, 1.0]
+        m.eval()
+        m(x)
+        m.reset_running_stats()  # between forward and backward
+        m.backward(g)
+        grads.append(m.grads["weight"])
+    assert_close(grads[1], grads[0], np.float64, "weight gradient, channels-last vs C-contiguous")
