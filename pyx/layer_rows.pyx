@@ -14,7 +14,7 @@ import numpy as np
 from cython.parallel import prange
 
 from fused_types cimport floating
-from chunking cimport ROW_CHUNK, use_threads
+from chunking cimport BLOCK, COL_BLOCK, ROW_CHUNK, block_len, n_blocks, use_threads
 
 cdef extern from "row_ops.h" nogil:
     void nc_layer_forward_f32(const float* x, float* y, Py_ssize_t L, const float* w, const float* bias,
@@ -31,6 +31,19 @@ cdef extern from "row_ops.h" nogil:
     void nc_layer_backward_f64(const double* x, const double* dy, double* dx, Py_ssize_t r0, Py_ssize_t r1,
                                Py_ssize_t L, const double* w, const double* mean, const double* rstd,
                                double* acc_w, double* acc_b)
+
+    void nc_layer_row_coeffs_f32(const float* xr, const float* gr, Py_ssize_t L, const float* w, double m,
+                                 double rs, double* b, double* c)
+    void nc_layer_row_coeffs_f64(const double* xr, const double* gr, Py_ssize_t L, const double* w, double m,
+                                 double rs, double* b, double* c)
+    void nc_layer_col_sums_f32(const float* x, const float* dy, Py_ssize_t R, Py_ssize_t L, Py_ssize_t j0,
+                               Py_ssize_t n, const double* mean, const double* rstd, double* acc_w, double* acc_b)
+    void nc_layer_col_sums_f64(const double* x, const double* dy, Py_ssize_t R, Py_ssize_t L, Py_ssize_t j0,
+                               Py_ssize_t n, const double* mean, const double* rstd, double* acc_w, double* acc_b)
+    void nc_layer_dx_piece_f32(const float* gr, const float* xr, float* dxr, Py_ssize_t n, double m, double rs,
+                               double b, double c, const float* w)
+    void nc_layer_dx_piece_f64(const double* gr, const double* xr, double* dxr, Py_ssize_t n, double m, double rs,
+                               double b, double c, const double* w)
 
 cdef enum:
     # The column sums of the backward use at most this many row chunks.
@@ -117,6 +130,9 @@ def layer_backward(const floating[:, ::1] x,    # IN  [R, L]
     # partial column sums stay small next to x (nch * 2 * L doubles <= 1/16 of x in float32).
     rows_per_chunk = max(<Py_ssize_t>ROW_CHUNK, (R + MAX_CHUNKS - 1) // MAX_CHUNKS)
     nch = (R + rows_per_chunk - 1) // rows_per_chunk
+    if nch == 1 and par and n_threads > 1:
+        _backward_split(x, dy, dx, w, mean, rstd, dweight, dbias, want, n_threads)
+        return
     if want and nch == 1:
         # One chunk: its sums are the result; no buffer.
         if floating is float:
@@ -146,3 +162,39 @@ def layer_backward(const floating[:, ::1] x,    # IN  [R, L]
             sb = sb + parts[ch, 1, j]
         dweight[j] = sw
         dbias[j] = sb
+
+
+cdef void _backward_split(const floating[:, ::1] x, const floating[:, ::1] dy, floating[:, ::1] dx,
+                          const floating* w, const double[::1] mean, const double[::1] rstd,
+                          double[::1] dweight, double[::1] dbias, bint want, int n_threads):
+    """Few long rows (one chunk) on several threads: the steps of nc_layer_backward one after the
+    other, each parallel (rows; column blocks; pieces of rows), with the same bits."""
+    cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
+    cdef Py_ssize_t r, t, k, nb, ncb, j0, n
+    cdef double[::1] bc = np.empty(2 * R)
+    with nogil:
+        for r in prange(R, num_threads=n_threads, schedule="static"):
+            if floating is float:
+                nc_layer_row_coeffs_f32(&x[r, 0], &dy[r, 0], L, w, mean[r], rstd[r], &bc[2 * r], &bc[2 * r + 1])
+            else:
+                nc_layer_row_coeffs_f64(&x[r, 0], &dy[r, 0], L, w, mean[r], rstd[r], &bc[2 * r], &bc[2 * r + 1])
+        if want:
+            # Before dx is written: dx may be dy itself.
+            ncb = (L + COL_BLOCK - 1) // COL_BLOCK
+            for t in prange(ncb, num_threads=n_threads, schedule="static"):
+                j0 = t * COL_BLOCK
+                n = min(<Py_ssize_t>COL_BLOCK, L - j0)
+                if floating is float:
+                    nc_layer_col_sums_f32(&x[0, 0], &dy[0, 0], R, L, j0, n, &mean[0], &rstd[0], &dweight[0], &dbias[0])
+                else:
+                    nc_layer_col_sums_f64(&x[0, 0], &dy[0, 0], R, L, j0, n, &mean[0], &rstd[0], &dweight[0], &dbias[0])
+        nb = n_blocks(L)
+        for t in prange(R * nb, num_threads=n_threads, schedule="static"):
+            r = t // nb
+            k = t - r * nb
+            if floating is float:
+                nc_layer_dx_piece_f32(&dy[r, k * BLOCK], &x[r, k * BLOCK], &dx[r, k * BLOCK], block_len(L, k), mean[r],
+                                      rstd[r], bc[2 * r], bc[2 * r + 1], (w + k * BLOCK) if w != NULL else w)
+            else:
+                nc_layer_dx_piece_f64(&dy[r, k * BLOCK], &x[r, k * BLOCK], &dx[r, k * BLOCK], block_len(L, k), mean[r],
+                                      rstd[r], bc[2 * r], bc[2 * r + 1], (w + k * BLOCK) if w != NULL else w)

@@ -496,13 +496,14 @@ NC_MULTIVERSION static void nc_layer_forward_##SFX(const T *x, T *y, ptrdiff_t L
 /* Column sums of nq <= NC_QUAD consecutive rows, added to acc_w, acc_b in one step per column:  \
  * t_i = dy_i * ((x_i - mean_i) * rstd_i); acc_w += ((t0 + t1) + (t2 + t3)) (missing rows left  \
  * out of the same tree), acc_b likewise with dy_i. */                                          \
-NC_INLINE void nc_col_sums_##SFX(const T *x, const T *dy, ptrdiff_t nq, ptrdiff_t L,            \
-                                 const double *mean, const double *rstd, double *acc_w,         \
-                                 double *acc_b)                                                 \
+NC_INLINE void nc_col_sums_##SFX(const T *x, const T *dy, ptrdiff_t nq, ptrdiff_t S,            \
+                                 ptrdiff_t L, const double *mean, const double *rstd,           \
+                                 double *acc_w, double *acc_b)                                  \
 {                                                                                               \
+    /* rows of stride S, columns 0 .. L-1 of them */                                            \
     if (nq == NC_QUAD) {                                                                        \
-        const T *x0 = x, *x1 = x + L, *x2 = x + 2 * L, *x3 = x + 3 * L;                         \
-        const T *g0 = dy, *g1 = dy + L, *g2 = dy + 2 * L, *g3 = dy + 3 * L;                     \
+        const T *x0 = x, *x1 = x + S, *x2 = x + 2 * S, *x3 = x + 3 * S;                         \
+        const T *g0 = dy, *g1 = dy + S, *g2 = dy + 2 * S, *g3 = dy + 3 * S;                     \
         const double m0 = mean[0], m1 = mean[1], m2 = mean[2], m3 = mean[3];                    \
         const double s0 = rstd[0], s1 = rstd[1], s2 = rstd[2], s3 = rstd[3];                    \
         for (ptrdiff_t j = 0; j < L; j++) {                                                     \
@@ -518,14 +519,63 @@ NC_INLINE void nc_col_sums_##SFX(const T *x, const T *dy, ptrdiff_t nq, ptrdiff_
     for (ptrdiff_t j = 0; j < L; j++) {                                                         \
         double tw = 0.0, tb = 0.0;                                                              \
         for (ptrdiff_t i = 0; i < nq; i++) {                                                    \
-            const double g = (double)dy[i * L + j];                                             \
-            const double t = g * (((double)x[i * L + j] - mean[i]) * rstd[i]);                  \
+            const double g = (double)dy[i * S + j];                                             \
+            const double t = g * (((double)x[i * S + j] - mean[i]) * rstd[i]);                  \
             if (i == 0) { tw = t; tb = g; } else { tw += t; tb += g; }                          \
         }                                                                                       \
         acc_w[j] += tw;                                                                         \
         acc_b[j] += tb;                                                                         \
     }                                                                                           \
 }                                                                                               \
+                                                                                                \
+/* One LayerNorm row's backward coefficients b, c from its sums of g = w * dy. */             \
+NC_INLINE void nc_layer_coeffs_##SFX(const T *xr, const T *gr, ptrdiff_t L, const T *w,        \
+                                     double m, double rs, double *b, double *c)                 \
+{                                                                                               \
+    double s1, s2;                                                                              \
+    if (w)                                                                                      \
+        nc_run_grad_sums_w_##SFX(xr, gr, w, L, m, &s1, &s2);                                    \
+    else                                                                                        \
+        nc_run_grad_sums_##SFX(xr, gr, L, m, &s1, &s2);                                         \
+    nc_bwd_coeffs(rs, s1, s2, (double)L, b, c);                                                 \
+}                                                                                               \
+                                                                                                \
+/* dx of n values of a LayerNorm row (w: the row's weights from the same column, or NULL). */  \
+NC_INLINE void nc_layer_dx_##SFX(const T *gr, const T *xr, T *dxr, ptrdiff_t n, double m,       \
+                                 double rs, double b, double c, const T *w)                     \
+{                                                                                               \
+    if (w)                                                                                      \
+        nc_apply_cols_bwd_##SFX(gr, xr, dxr, n, m, rs, b, c, w);                                \
+    else                                                                                        \
+        nc_apply_bwd_##SFX(gr, xr, dxr, n, m, rs, b, c);                                        \
+}                                                                                               \
+                                                                                                \
+/* The same LayerNorm backward as three separate steps, for few long rows (parallel over rows, \
+ * then over column blocks, then over pieces of rows): the same bits as nc_layer_backward with \
+ * r0 = 0 and r1 = R. */                                                                       \
+NC_MULTIVERSION static void nc_layer_row_coeffs_##SFX(const T *xr, const T *gr, ptrdiff_t L,    \
+                                                      const T *w, double m, double rs,          \
+                                                      double *b, double *c)                     \
+{ nc_layer_coeffs_##SFX(xr, gr, L, w, m, rs, b, c); }                                           \
+                                                                                                \
+/* Column sums of rows 0 .. R-1 (stride L) over columns j0 .. j0+n-1, quads from row 0. */      \
+NC_MULTIVERSION static void nc_layer_col_sums_##SFX(const T *x, const T *dy, ptrdiff_t R,       \
+                                                    ptrdiff_t L, ptrdiff_t j0, ptrdiff_t n,     \
+                                                    const double *mean, const double *rstd,     \
+                                                    double *acc_w, double *acc_b)               \
+{                                                                                               \
+    for (ptrdiff_t j = 0; j < n; j++) { acc_w[j0 + j] = 0.0; acc_b[j0 + j] = 0.0; }             \
+    for (ptrdiff_t q0 = 0; q0 < R; q0 += NC_QUAD) {                                             \
+        const ptrdiff_t nq = R - q0 < NC_QUAD ? R - q0 : NC_QUAD;                               \
+        nc_col_sums_##SFX(x + q0 * L + j0, dy + q0 * L + j0, nq, L, n, mean + q0, rstd + q0,     \
+                          acc_w + j0, acc_b + j0);                                              \
+    }                                                                                           \
+}                                                                                               \
+                                                                                                \
+NC_MULTIVERSION static void nc_layer_dx_piece_##SFX(const T *gr, const T *xr, T *dxr, ptrdiff_t n, \
+                                                    double m, double rs, double b, double c,    \
+                                                    const T *w)                                 \
+{ nc_layer_dx_##SFX(gr, xr, dxr, n, m, rs, b, c, w); }                                          \
                                                                                                 \
 /* LayerNorm backward, rows r0 .. r1-1 of L (x, dy, dx point at row 0): per row the sums of   \
  * g = w * dy (w NULL: g = dy) centered on the row mean, then                                  \
@@ -545,25 +595,15 @@ NC_MULTIVERSION static void nc_layer_backward_##SFX(const T *x, const T *dy, T *
     for (ptrdiff_t q0 = r0; q0 < r1; q0 += NC_QUAD) {                                           \
         const ptrdiff_t nq = r1 - q0 < NC_QUAD ? r1 - q0 : NC_QUAD;                             \
         double b[NC_QUAD], c[NC_QUAD];                                                          \
-        for (ptrdiff_t i = 0; i < nq; i++) {                                                    \
-            const ptrdiff_t r = q0 + i;                                                         \
-            double s1, s2;                                                                      \
-            if (w)                                                                              \
-                nc_run_grad_sums_w_##SFX(x + r * L, dy + r * L, w, L, mean[r], &s1, &s2);       \
-            else                                                                                \
-                nc_run_grad_sums_##SFX(x + r * L, dy + r * L, L, mean[r], &s1, &s2);            \
-            nc_bwd_coeffs(rstd[r], s1, s2, (double)L, &b[i], &c[i]);                            \
-        }                                                                                       \
+        for (ptrdiff_t i = 0; i < nq; i++)                                                      \
+            nc_layer_coeffs_##SFX(x + (q0 + i) * L, dy + (q0 + i) * L, L, w, mean[q0 + i],      \
+                                  rstd[q0 + i], &b[i], &c[i]);                                  \
         if (acc_w)                                                                              \
-            nc_col_sums_##SFX(x + q0 * L, dy + q0 * L, nq, L, mean + q0, rstd + q0, acc_w, acc_b); \
+            nc_col_sums_##SFX(x + q0 * L, dy + q0 * L, nq, L, L, mean + q0, rstd + q0, acc_w,     \
+                              acc_b);                                                           \
         for (ptrdiff_t i = 0; i < nq; i++) {                                                    \
             const ptrdiff_t r = q0 + i;                                                         \
-            if (w)                                                                              \
-                nc_apply_cols_bwd_##SFX(dy + r * L, x + r * L, dx + r * L, L, mean[r], rstd[r], \
-                                        b[i], c[i], w);                                         \
-            else                                                                                \
-                nc_apply_bwd_##SFX(dy + r * L, x + r * L, dx + r * L, L, mean[r], rstd[r],      \
-                                   b[i], c[i]);                                                 \
+            nc_layer_dx_##SFX(dy + r * L, x + r * L, dx + r * L, L, mean[r], rstd[r], b[i], c[i], w); \
         }                                                                                       \
     }                                                                                           \
 }                                                                                               \
