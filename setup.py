@@ -86,6 +86,11 @@ def _openmp_flags(compiler):
 class BuildExt(build_ext):
     """build_ext that probes OpenMP once and sets the compiler flags of every kernel."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:  # the kernels are independent: compile them side by side
+            self.parallel = os.cpu_count() or 1
+
     def build_extensions(self):
         flags = _openmp_flags(self.compiler)
         if flags is None:

@@ -45,6 +45,31 @@ cdef inline Py_ssize_t _chunk_rows(Py_ssize_t L, Py_ssize_t ch) noexcept nogil:
     return NC_CL_CHUNK if rest > NC_CL_CHUNK else rest
 
 
+cdef inline void _chunk_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t C, double* scratch,
+                                double* out) noexcept nogil:
+    """Column moments of one chunk (scratch: 2*C doubles; out: C means then C M2)."""
+    if floating is float:
+        nc_cl_moments_f32(x, nrows, C, scratch, scratch + C, out, out + C)
+    else:
+        nc_cl_moments_f64(x, nrows, C, scratch, scratch + C, out, out + C)
+
+
+cdef inline void _merge_chunks(const double* parts, Py_ssize_t nch, Py_ssize_t L, Py_ssize_t C,
+                               double* mean, double* m2) noexcept nogil:
+    """One sample's chunk moments (parts: nch blocks of 2*C) merged in order per column."""
+    cdef Py_ssize_t c, ch
+    cdef double na, mu, q
+    for c in range(C):
+        na = 0.0
+        mu = 0.0
+        q = 0.0
+        for ch in range(nch):
+            nc_merge_step(&na, &mu, &q, <double>_chunk_rows(L, ch), parts[ch * 2 * C + c],
+                          parts[ch * 2 * C + C + c])
+        mean[c] = mu
+        m2[c] = q
+
+
 def _check(x, arrays, Py_ssize_t period, coeffs, per_row=()):
     N, L, C = x.shape[0], x.shape[1], x.shape[2]
     for v in arrays:
@@ -68,8 +93,7 @@ def cl_moments(const floating[:, :, ::1] x,   # IN  [N, L, C]
                int n_threads=1):
     """Mean and M2 per (n, c) over the L positions of sample n."""
     cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2]
-    cdef Py_ssize_t nch, t, n, ch, c, tid
-    cdef double na, mu, q
+    cdef Py_ssize_t nch, t, n, ch, tid
     cdef double[:, :, ::1] parts
     cdef double[:, ::1] scratch
     cdef bint par = use_threads(n_threads, N * L * C)
@@ -83,22 +107,9 @@ def cl_moments(const floating[:, :, ::1] x,   # IN  [N, L, C]
         n = t // nch
         ch = t - n * nch
         tid = threadid()
-        if floating is float:
-            nc_cl_moments_f32(&x[n, ch * NC_CL_CHUNK, 0], _chunk_rows(L, ch), C, &scratch[tid, 0],
-                              &scratch[tid, C], &parts[t, 0, 0], &parts[t, 1, 0])
-        else:
-            nc_cl_moments_f64(&x[n, ch * NC_CL_CHUNK, 0], _chunk_rows(L, ch), C, &scratch[tid, 0],
-                              &scratch[tid, C], &parts[t, 0, 0], &parts[t, 1, 0])
+        _chunk_moments(&x[n, ch * NC_CL_CHUNK, 0], _chunk_rows(L, ch), C, &scratch[tid, 0], &parts[t, 0, 0])
     for n in prange(N, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
-        for c in range(C):
-            na = 0.0
-            mu = 0.0
-            q = 0.0
-            for ch in range(nch):
-                nc_merge_step(&na, &mu, &q, <double>_chunk_rows(L, ch), parts[n * nch + ch, 0, c],
-                              parts[n * nch + ch, 1, c])
-            mean[n * C + c] = mu
-            m2[n * C + c] = q
+        _merge_chunks(&parts[n * nch, 0, 0], nch, L, C, &mean[n * C], &m2[n * C])
 
 
 def cl_grad_sums(const floating[:, :, ::1] x,    # IN  [N, L, C]
@@ -223,7 +234,7 @@ def cl_group_forward(const floating[:, :, ::1] x,   # IN  [N, L, C]
     three steps run one after the other."""
     cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2]
     cdef Py_ssize_t k, nch, n, ch, c, g, j, tid, r
-    cdef double na, mu, q, s, d, sc
+    cdef double q, s, d, sc
     cdef double[:, :, ::1] parts
     cdef double[:, ::1] scratch
     cdef floating[:, :, ::1] co
@@ -243,21 +254,9 @@ def cl_group_forward(const floating[:, :, ::1] x,   # IN  [N, L, C]
     for n in prange(N, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
         tid = threadid()
         for ch in range(nch):
-            if floating is float:
-                nc_cl_moments_f32(&x[n, ch * NC_CL_CHUNK, 0], _chunk_rows(L, ch), C, &scratch[tid, 0],
-                                  &scratch[tid, C], &parts[n * nch + ch, 0, 0], &parts[n * nch + ch, 1, 0])
-            else:
-                nc_cl_moments_f64(&x[n, ch * NC_CL_CHUNK, 0], _chunk_rows(L, ch), C, &scratch[tid, 0],
-                                  &scratch[tid, C], &parts[n * nch + ch, 0, 0], &parts[n * nch + ch, 1, 0])
-        for c in range(C):
-            na = 0.0
-            mu = 0.0
-            q = 0.0
-            for ch in range(nch):
-                nc_merge_step(&na, &mu, &q, <double>_chunk_rows(L, ch), parts[n * nch + ch, 0, c],
-                              parts[n * nch + ch, 1, c])
-            row_mean[n * C + c] = mu
-            row_m2[n * C + c] = q
+            _chunk_moments(&x[n, ch * NC_CL_CHUNK, 0], _chunk_rows(L, ch), C, &scratch[tid, 0],
+                           &parts[n * nch + ch, 0, 0])
+        _merge_chunks(&parts[n * nch, 0, 0], nch, L, C, &row_mean[n * C], &row_m2[n * C])
         for g in range(G):
             r = n * C + g * k
             s = 0.0
