@@ -309,6 +309,7 @@ typedef struct {
 
 #define NC_QUAD 4      /* rows whose column sums the LayerNorm backward adds in one step */
 #define NC_PIECE 512   /* values per piece of the pipelined forward (a multiple of NC_LANES) */
+#define NC_PIPELINE_MIN 1024 /* shorter units are not pipelined: the pieces would cost more */
 
 /* ---- Runs, applies and the kernels' entry points ------------------------------------------ */
 #define NC_DEFINE_ROW_OPS(T, SFX)                                                              \
@@ -448,9 +449,11 @@ NC_MULTIVERSION static void nc_group_forward_##SFX(const T *x, T *y, ptrdiff_t k
 {                                                                                               \
     nc_run_moments_##SFX(x, k * L, mean, m2);                                                   \
     *rstd = nc_rstd(*m2, (double)(k * L), eps);                                                 \
+    ptrdiff_t c = c0 % C; /* counted, not divided, from row to row */                          \
     for (ptrdiff_t j = 0; j < k; j++) {                                                         \
-        const ptrdiff_t c = (c0 + j) % C;                                                       \
         nc_apply_##SFX(x + j * L, y + j * L, L, *mean, *rstd * w[c], bias[c]);                 \
+        if (++c == C)                                                                           \
+            c = 0;                                                                              \
     }                                                                                           \
 }                                                                                               \
                                                                                                 \
@@ -464,17 +467,24 @@ NC_MULTIVERSION static void nc_group_backward_##SFX(const T *x, const T *dy, T *
                                                     double *sdy, double *sdyxc)                 \
 {                                                                                               \
     double s1 = 0.0, s2 = 0.0;                                                                  \
+    const ptrdiff_t cf = c0 % C; /* channels counted, not divided, from row to row */          \
+    ptrdiff_t ch = cf;                                                                          \
     for (ptrdiff_t j = 0; j < k; j++) {                                                         \
         nc_run_grad_sums_##SFX(x + j * L, dy + j * L, L, mean, &sdy[j], &sdyxc[j]);             \
-        const double wc = w[(c0 + j) % C];                                                      \
+        const double wc = w[ch];                                                                \
         s1 += wc * sdy[j];                                                                      \
         s2 += wc * sdyxc[j];                                                                    \
+        if (++ch == C)                                                                          \
+            ch = 0;                                                                             \
     }                                                                                           \
     double b, c;                                                                                \
     nc_bwd_coeffs(rstd, s1, s2, (double)(k * L), &b, &c);                                       \
+    ch = cf;                                                                                    \
     for (ptrdiff_t j = 0; j < k; j++) {                                                         \
-        const double a = rstd * w[(c0 + j) % C];                                                \
+        const double a = rstd * w[ch];                                                          \
         nc_apply_bwd_##SFX(dy + j * L, x + j * L, dx + j * L, L, mean, a, b, c);               \
+        if (++ch == C)                                                                          \
+            ch = 0;                                                                             \
     }                                                                                           \
 }                                                                                               \
                                                                                                 \
@@ -616,13 +626,17 @@ NC_MULTIVERSION static void nc_layer_backward_##SFX(const T *x, const T *dy, T *
 NC_INLINE void nc_group_apply_range_##SFX(const T *xg, T *yg, ptrdiff_t i0, ptrdiff_t len,      \
                                           const nc_apply_ctx *a)                               \
 {                                                                                               \
+    /* one division for the first row; then rows and channels are counted */                  \
+    const ptrdiff_t j = i0 / a->L;                                                              \
+    ptrdiff_t off = i0 - j * a->L, c = (a->r0 + j) % a->C;                                      \
     while (len > 0) {                                                                           \
-        const ptrdiff_t j = i0 / a->L, off = i0 - j * a->L;                                     \
         const ptrdiff_t seg = len < a->L - off ? len : a->L - off;                              \
-        const ptrdiff_t c = (a->r0 + j) % a->C;                                                 \
         nc_apply_##SFX(xg + i0, yg + i0, seg, a->mean, a->rstd * a->w[c], a->bias[c]);          \
         i0 += seg;                                                                              \
         len -= seg;                                                                             \
+        off = 0;                                                                                \
+        if (++c == a->C)                                                                        \
+            c = 0;                                                                              \
     }                                                                                           \
 }                                                                                               \
                                                                                                 \
@@ -678,11 +692,14 @@ NC_MULTIVERSION static void nc_groups_forward_##SFX(const T *x, T *y, ptrdiff_t 
     for (ptrdiff_t g = g0; g < g1; g++) {                                                       \
         rstd[g] = nc_rstd(m2[g], (double)n, eps);                                               \
         const nc_apply_ctx a = {0, L, g * k, C, w, bias, NULL, NULL, mean[g], rstd[g]};         \
-        if (g + 1 < g1)                                                                         \
+        if (g + 1 < g1 && n >= NC_PIPELINE_MIN) {                                               \
             nc_unit_pipeline_##SFX(x + g * n, y + g * n, n, &a, x + (g + 1) * n,                \
                                    &mean[g + 1], &m2[g + 1]);                                   \
-        else                                                                                    \
+        } else {                                                                                \
             nc_unit_apply_##SFX(x + g * n, y + g * n, 0, n, &a);                                \
+            if (g + 1 < g1)                                                                     \
+                nc_run_moments_##SFX(x + (g + 1) * n, n, &mean[g + 1], &m2[g + 1]);             \
+        }                                                                                       \
     }                                                                                           \
 }                                                                                               \
                                                                                                 \
@@ -698,11 +715,14 @@ NC_MULTIVERSION static void nc_layers_forward_##SFX(const T *x, T *y, ptrdiff_t 
     for (ptrdiff_t r = r0; r < r1; r++) {                                                       \
         rstd[r] = nc_rstd(m2, (double)L, eps);                                                  \
         const nc_apply_ctx a = {1, L, 0, 1, NULL, NULL, w, bias, mean[r], rstd[r]};             \
-        if (r + 1 < r1)                                                                         \
+        if (r + 1 < r1 && L >= NC_PIPELINE_MIN) {                                               \
             nc_unit_pipeline_##SFX(x + r * L, y + r * L, L, &a, x + (r + 1) * L,                \
                                    &mean[r + 1], &m2);                                          \
-        else                                                                                    \
+        } else {                                                                                \
             nc_unit_apply_##SFX(x + r * L, y + r * L, 0, L, &a);                                \
+            if (r + 1 < r1)                                                                     \
+                nc_run_moments_##SFX(x + (r + 1) * L, L, &mean[r + 1], &m2);                    \
+        }                                                                                       \
     }                                                                                           \
 }
 
