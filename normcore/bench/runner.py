@@ -5,7 +5,9 @@ Timing (`time_call`): one warm-up call, then repetitions of `number` back-to-bac
 `number` makes a repetition last about min_time / repeat (1 for slow calls). Repetitions go on
 until there are at least `repeat` of them and min_time has passed. The time reported is the best
 repetition (the minimum over repetitions of the mean time per call); the median over repetitions
-is kept too. The minimum is the least disturbed by other work on the machine.
+is kept too. The minimum is the least disturbed by other work on the machine. The
+implementations of one cell are timed interleaved, in ROUNDS rounds (`_run_case`), so that a
+burst of other work falls on all of them.
 
 Throughput: GB/s of useful traffic = cases.traffic_bytes(...) / time (see normcore.bench.cases
 for what counts). The yardstick is a parallel copy measured in the same run at the same thread
@@ -64,6 +66,9 @@ class Timing:
     median: float   # seconds per call: the median repetition's mean
     reps: int       # repetitions
     number: int     # calls per repetition
+
+
+ROUNDS = 3  # rounds over a cell's implementations
 
 
 def time_call(fn, min_time=FULL["min_time"], repeat=FULL["repeat"]):
@@ -224,32 +229,54 @@ def run(case_list, impls, threads, min_time=FULL["min_time"], repeat=FULL["repea
             for case in case_list:
                 if shared.get("key") != (case.layer, case.shape):
                     shared = {"key": (case.layer, case.shape)}
-                for impl in impls:
-                    progress.update(done, f"{case} threads={n} {impl}")
-                    report.results.append(_run_one(case, n, impl, min_time, repeat, seed, shared))
-                    done += 1
+                progress.update(done, f"{case} threads={n}")
+                report.results.extend(_run_case(case, n, impls, min_time, repeat, seed, shared))
+                done += len(impls)
     progress.update(done, "done")
     progress.close()
     return report
 
 
-def _run_one(case, threads, impl, min_time, repeat, seed, shared):
-    result = Result(case, threads, impl)
-    if not peers.supports(impl, case.layer, case.mode):
-        result.status = "unsupported"
-        return result
-    reason = peers.unavailable_reason(impl)
-    if reason is not None:
-        result.status, result.message = "unavailable", reason
-        return result
-    try:
-        if "inputs" not in shared:
-            shared["inputs"] = peers.make_inputs(case.layer, case.shape, np.float32, np.random.default_rng(seed))
-        fn = peers.make(impl, case.layer, case.mode, case.shape, np.float32, inputs=shared["inputs"])
-        result.timing = time_call(fn, min_time, repeat)
-    except Exception as exc:  # noqa: BLE001 - report it in the table, keep benchmarking the rest
-        result.status, result.message = "error", f"{type(exc).__name__}: {exc}"
-    return result
+def _run_case(case, threads, impls, min_time, repeat, seed, shared):
+    """One cell, every implementation, interleaved: ROUNDS rounds, each timing every
+    implementation in turn for its share of min_time and repeat; each keeps its best. A burst
+    of other work on a shared machine then falls on all of them rather than on one."""
+    results, fns = [], {}
+    for impl in impls:
+        result = Result(case, threads, impl)
+        results.append(result)
+        if not peers.supports(impl, case.layer, case.mode):
+            result.status = "unsupported"
+            continue
+        reason = peers.unavailable_reason(impl)
+        if reason is not None:
+            result.status, result.message = "unavailable", reason
+            continue
+        try:
+            if "inputs" not in shared:
+                shared["inputs"] = peers.make_inputs(case.layer, case.shape, np.float32, np.random.default_rng(seed))
+            fns[impl] = (result, peers.make(impl, case.layer, case.mode, case.shape, np.float32,
+                                            inputs=shared["inputs"]))
+        except Exception as exc:  # noqa: BLE001 - report it in the table, keep benchmarking the rest
+            result.status, result.message = "error", f"{type(exc).__name__}: {exc}"
+    for _ in range(ROUNDS):
+        for result, fn in fns.values():
+            if result.status != "ok":
+                continue
+            try:
+                t = time_call(fn, min_time / ROUNDS, -(-repeat // ROUNDS))
+            except Exception as exc:  # noqa: BLE001
+                result.status, result.message = "error", f"{type(exc).__name__}: {exc}"
+                result.timing = None
+                continue
+            result.timing = t if result.timing is None else _better(result.timing, t)
+    return results
+
+
+def _better(a, b):
+    """Two rounds of one implementation as one Timing: the best of both, the lower of their
+    medians (the least disturbed round), their repetitions added."""
+    return Timing(min(a.best, b.best), min(a.median, b.median), a.reps + b.reps, a.number)
 
 
 # -- the report ------------------------------------------------------------------------------
