@@ -364,3 +364,44 @@ def test_set_num_threads_rejects(bad, exc):
     with pytest.raises(exc):
         nc.set_num_threads(bad)
     assert nc.get_num_threads() >= 1
+
+
+_ISA_SCRIPT = r"""
+import sys
+import numpy as np
+import normcore as nc
+
+rng = np.random.default_rng(5)
+out = {}
+x = (rng.standard_normal((4, 8, 37, 41)) * 3 + 2).astype(np.float32)
+dy = rng.standard_normal(x.shape).astype(np.float32)
+xl = (rng.standard_normal((70, 4100)) + 1e3).astype(np.float32)
+dyl = rng.standard_normal(xl.shape).astype(np.float32)
+for name, m, a, g in [("bn", nc.BatchNorm2d(8), x, dy), ("in", nc.InstanceNorm2d(8, affine=True), x, dy),
+                      ("gn", nc.GroupNorm(2, 8), x, dy), ("ln", nc.LayerNorm(4100), xl, dyl),
+                      ("bn64", nc.BatchNorm2d(8, dtype=np.float64), x.astype(np.float64), dy.astype(np.float64))]:
+    out[name + "_y"] = m.forward(a)
+    out[name + "_dx"] = m.backward(g)
+    out[name + "_dw"] = m.grads["weight"]
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_same_bits_with_and_without_avx2(tmp_path):
+    """The block sums have an AVX2 version picked at run time and a baseline one
+    (NORMCORE_DISABLE_AVX2=1); with 16 fixed lanes and no FMA both give the same bits."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "isa.py"
+    script.write_text(_ISA_SCRIPT)
+    results = []
+    for disable in ("0", "1"):
+        path = tmp_path / f"out{disable}.npz"
+        env = dict(os.environ, NORMCORE_DISABLE_AVX2=disable, OMP_NUM_THREADS="2")
+        subprocess.run([sys.executable, str(script), str(path)], check=True, env=env, timeout=120)
+        results.append(np.load(path))
+    assert sorted(results[0].files) == sorted(results[1].files)
+    for key in results[0].files:
+        assert np.array_equal(results[0][key], results[1][key]), key
