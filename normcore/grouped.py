@@ -17,13 +17,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
+from normcore._kernels.apply_rows import apply_rows_backward
 from normcore._kernels.channels import channel_forward
 from normcore._kernels.channels_last import cl_apply, cl_apply_backward, cl_grad_sums, cl_group_forward, cl_moments
 from normcore._kernels.combine import merge_moments, sum_groups
 from normcore._kernels.grad_sums import row_grad_sums
 from normcore._kernels.groups import group_backward, group_forward
-from normcore._kernels.moments import row_moments
 
 
 class Grouping(NamedTuple):
@@ -122,21 +121,6 @@ def _f64(v, C, fill):
     if v is None:
         return np.full(C, fill)
     return np.asarray(v, dtype=np.float64)
-
-
-def moments(x2, grouping, n_threads):
-    """Row and group moments of x2 = [N*C, L] (reduce + combine)."""
-    R = x2.shape[0]
-    row_mean = np.empty(R)
-    row_m2 = np.empty(R)
-    row_moments(x2, row_mean, row_m2, n_threads)
-    g = grouping
-    if g.k == 1:
-        return BatchStats(row_mean, row_m2, row_mean, row_m2)
-    mean = np.empty(g.outer * g.inner)
-    m2 = np.empty(g.outer * g.inner)
-    merge_moments(row_mean, row_m2, g.L, g.outer, g.k, g.inner, mean, m2)
-    return BatchStats(row_mean, row_m2, mean, m2)
 
 
 def forward(x, grouping, weight, bias, eps, n_threads, stats=None):

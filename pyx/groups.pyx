@@ -22,12 +22,6 @@ from blocks cimport (apply_backward, apply_forward, block_grad_sums, block_momen
                      merge_block_moments, nc_bwd_coeffs, nc_rstd)
 
 cdef extern from "row_ops.h" nogil:
-    void nc_group_forward_f32(const float* x, float* y, Py_ssize_t k, Py_ssize_t L, Py_ssize_t c0,
-                              Py_ssize_t C, const double* w, const double* bias, double eps,
-                              double* mean, double* m2, double* rstd)
-    void nc_group_forward_f64(const double* x, double* y, Py_ssize_t k, Py_ssize_t L, Py_ssize_t c0,
-                              Py_ssize_t C, const double* w, const double* bias, double eps,
-                              double* mean, double* m2, double* rstd)
     void nc_groups_forward_f32(const float* x, float* y, Py_ssize_t g0, Py_ssize_t g1, Py_ssize_t k,
                                Py_ssize_t L, Py_ssize_t C, const double* w, const double* bias, double eps,
                                double* mean, double* m2, double* rstd)

@@ -17,10 +17,6 @@ from fused_types cimport floating
 from chunking cimport BLOCK, COL_BLOCK, ROW_CHUNK, block_len, n_blocks, use_threads
 
 cdef extern from "row_ops.h" nogil:
-    void nc_layer_forward_f32(const float* x, float* y, Py_ssize_t L, const float* w, const float* bias,
-                              double eps, double* mean, double* rstd)
-    void nc_layer_forward_f64(const double* x, double* y, Py_ssize_t L, const double* w, const double* bias,
-                              double eps, double* mean, double* rstd)
     void nc_layers_forward_f32(const float* x, float* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
                                const float* w, const float* bias, double eps, double* mean, double* rstd)
     void nc_layers_forward_f64(const double* x, double* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,

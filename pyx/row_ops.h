@@ -440,23 +440,6 @@ NC_MULTIVERSION static void nc_apply_rows_range_##SFX(const T *x, T *y, ptrdiff_
     }                                                                                           \
 }                                                                                               \
                                                                                                 \
-/* One group of k rows of L (contiguous), forward: moments of its k*L values, then each row   \
- * r = c0 .. c0+k-1 (channel c = r % C) gets y = (x - mean) * (rstd * w[c]) + bias[c]. */      \
-NC_MULTIVERSION static void nc_group_forward_##SFX(const T *x, T *y, ptrdiff_t k, ptrdiff_t L,  \
-                                                   ptrdiff_t c0, ptrdiff_t C, const double *w,  \
-                                                   const double *bias, double eps,              \
-                                                   double *mean, double *m2, double *rstd)      \
-{                                                                                               \
-    nc_run_moments_##SFX(x, k * L, mean, m2);                                                   \
-    *rstd = nc_rstd(*m2, (double)(k * L), eps);                                                 \
-    ptrdiff_t c = c0 % C; /* counted, not divided, from row to row */                          \
-    for (ptrdiff_t j = 0; j < k; j++) {                                                         \
-        nc_apply_##SFX(x + j * L, y + j * L, L, *mean, *rstd * w[c], bias[c]);                 \
-        if (++c == C)                                                                           \
-            c = 0;                                                                              \
-    }                                                                                           \
-}                                                                                               \
-                                                                                                \
 /* One group, backward with the group's own statistics: per-row sums centered on its mean,  \
  * then dx = a * dy + b * (x - mean) + c with a = rstd * w[c],                                 \
  * b = -rstd^3 * sum(w * dy * (x - mean)) / M, c = -rstd * sum(w * dy) / M (M = k * L).       \
@@ -486,21 +469,6 @@ NC_MULTIVERSION static void nc_group_backward_##SFX(const T *x, const T *dy, T *
         if (++ch == C)                                                                          \
             ch = 0;                                                                             \
     }                                                                                           \
-}                                                                                               \
-                                                                                                \
-/* LayerNorm, one row of L: moments, rstd, y = (x - mean) * rstd * w[j] + bias[j]            \
- * (w NULL: no affine; bias NULL: no shift). */                                                 \
-NC_MULTIVERSION static void nc_layer_forward_##SFX(const T *x, T *y, ptrdiff_t L, const T *w,   \
-                                                   const T *bias, double eps, double *mean,     \
-                                                   double *rstd)                                \
-{                                                                                               \
-    double m2;                                                                                  \
-    nc_run_moments_##SFX(x, L, mean, &m2);                                                      \
-    *rstd = nc_rstd(m2, (double)L, eps);                                                        \
-    if (w)                                                                                      \
-        nc_apply_cols_##SFX(x, y, L, *mean, *rstd, w, bias);                                    \
-    else                                                                                        \
-        nc_apply_##SFX(x, y, L, *mean, *rstd, 0.0);                                             \
 }                                                                                               \
                                                                                                 \
 /* Column sums of nq <= NC_QUAD consecutive rows, added to acc_w, acc_b in one step per column:  \
@@ -678,7 +646,8 @@ NC_INLINE void nc_unit_pipeline_##SFX(const T *xu, T *yu, ptrdiff_t n, const nc_
     *m2_n = q;                                                                                  \
 }                                                                                               \
                                                                                                 \
-/* Groups g0 .. g1-1 of k rows of L: the same results as nc_group_forward on each. */           \
+/* Groups g0 .. g1-1 of k rows of L (contiguous), forward: moments of each group's k*L values,  \
+ * then row r = g*k + j (channel r % C) gets y = (x - mean) * (rstd * w[c]) + bias[c]. */       \
 NC_MULTIVERSION static void nc_groups_forward_##SFX(const T *x, T *y, ptrdiff_t g0, ptrdiff_t g1, \
                                                     ptrdiff_t k, ptrdiff_t L, ptrdiff_t C,      \
                                                     const double *w, const double *bias,        \
@@ -703,7 +672,8 @@ NC_MULTIVERSION static void nc_groups_forward_##SFX(const T *x, T *y, ptrdiff_t 
     }                                                                                           \
 }                                                                                               \
                                                                                                 \
-/* LayerNorm rows r0 .. r1-1: the same results as nc_layer_forward on each. */                  \
+/* LayerNorm rows r0 .. r1-1: per row moments, rstd, y = (x - mean) * rstd * w[j] + bias[j]   \
+ * (w NULL: no affine; bias NULL: no shift). */                                               \
 NC_MULTIVERSION static void nc_layers_forward_##SFX(const T *x, T *y, ptrdiff_t r0, ptrdiff_t r1, \
                                                     ptrdiff_t L, const T *w, const T *bias,     \
                                                     double eps, double *mean, double *rstd)     \
