@@ -5,10 +5,35 @@ the names of its parameters and buffers in ``_parameter_names`` and ``_buffer_na
 attribute may be None: the layer then has no such entry), and the base class gives it
 ``train`` / ``eval``, ``parameters()``, ``state_dict()`` and ``load_state_dict()`` with
 PyTorch's keys and shapes.
+
+Threads: every call that reads or writes a layer's state (``forward``, ``backward``, ``train``,
+``load_state_dict``, ``state_dict``, the ``reset_*`` methods, in subclasses too) holds the
+layer's re-entrant lock, ``m.lock``, so one layer used from several threads at once runs its
+calls one after the other, each whole: running statistics and counters are never torn. The
+kernels release the GIL, so different layers in different threads run in parallel. ``backward``
+refers to the layer's last forward, from whichever thread; to pair a forward with its backward
+while other threads use the same layer, hold ``m.lock`` around both (``with m.lock: ...``).
 """
+import functools
+import threading
+
 import numpy as np
 
 __all__ = ["Module"]
+
+# The methods that touch a layer's state; each runs holding the layer's lock.
+_LOCKED_METHODS = ("forward", "backward", "train", "load_state_dict", "state_dict",
+                   "reset_parameters", "reset_running_stats")
+_lock_creation = threading.Lock()
+
+
+def _holding_lock(method):
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    locked.holds_module_lock = True
+    return locked
 
 
 class Module:
@@ -17,10 +42,36 @@ class Module:
     _parameter_names = ()
     _buffer_names = ()
 
+    def __init_subclass__(cls, **kwargs):
+        """Wrap the state-touching methods a subclass defines so that they hold ``self.lock``."""
+        super().__init_subclass__(**kwargs)
+        for name in _LOCKED_METHODS:
+            method = cls.__dict__.get(name)
+            if callable(method) and not getattr(method, "holds_module_lock", False):
+                setattr(cls, name, _holding_lock(method))
+
     def __init__(self):
         self.training = True
         # name -> gradient of that parameter, set by each backward.
         self.grads = {}
+
+    @property
+    def lock(self):
+        """The layer's re-entrant lock, held by every call that touches its state."""
+        lock = self.__dict__.get("_lock")
+        if lock is None:
+            with _lock_creation:
+                lock = self.__dict__.setdefault("_lock", threading.RLock())
+        return lock
+
+    def __getstate__(self):
+        # A lock can be neither pickled nor deep-copied: a copy gets a lock of its own.
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
 
     # -- the interface a layer implements ---------------------------------------------------
     def forward(self, x):
@@ -107,3 +158,9 @@ class Module:
         if saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
         return saved
+
+
+for _name in _LOCKED_METHODS:
+    if _name in Module.__dict__:
+        setattr(Module, _name, _holding_lock(Module.__dict__[_name]))
+del _name
