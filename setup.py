@@ -5,6 +5,8 @@ Environment variables read at build time:
 NORMCORE_REQUIRE_OPENMP=1  fail the build when the compiler cannot do OpenMP
                            (by default the build warns and the kernels run serially).
 NORMCORE_NATIVE=1          compile with -march=native (by default the flags are portable).
+NORMCORE_SANITIZE=LIST     compile and link with -fsanitize=LIST (e.g. "address,undefined"),
+                           -O1 -g and no recovery: what scripts/sanitize.sh builds with.
 """
 import os
 import shutil
@@ -115,6 +117,13 @@ class BuildExt(build_ext):
             opt = ["-O3", "-fno-math-errno"]
             if _truthy("NORMCORE_NATIVE"):
                 opt.append("-march=native")
+        sanitize = os.environ.get("NORMCORE_SANITIZE", "").strip()
+        if sanitize:
+            if self.compiler.compiler_type == "msvc":
+                raise RuntimeError("NORMCORE_SANITIZE needs gcc or clang")
+            san = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+            opt = ["-O1", "-fno-math-errno"] + san
+            lflags = lflags + san
         for ext in self.extensions:
             ext.extra_compile_args = opt + cflags + list(ext.extra_compile_args or [])
             ext.extra_link_args = lflags + list(ext.extra_link_args or [])

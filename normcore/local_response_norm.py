@@ -31,6 +31,19 @@ class LRNSaved(NamedTuple):
     dtype: np.dtype
 
 
+def kernel_window(size, alpha, C):
+    """(window, alpha) for the kernels, which divide alpha by their window.
+
+    A window of 2*C + 1 channels or more covers every channel from every channel, so a larger
+    `size` (any Python int) changes only the divisor: the kernels get the window 2*C + 1 and an
+    alpha scaled to keep alpha / size. The kernels' scratch is O(C + window), whatever `size` is.
+    """
+    if size <= 2 * C + 1:
+        return size, alpha
+    window = 2 * C + 1
+    return window, alpha * (window / size)
+
+
 def local_response_norm_forward(x, size, alpha, beta, k):
     """y for x (N, C, *) and what backward needs; allocates only y."""
     N, C = x.shape[:2]
@@ -38,7 +51,8 @@ def local_response_norm_forward(x, size, alpha, beta, k):
         return np.empty_like(x), LRNSaved(None, x.shape, x.dtype)
     x3 = np.ascontiguousarray(x).reshape(N, C, -1)
     y3 = np.empty_like(x3)
-    lrn_forward(x3, y3, size, alpha, beta, k, get_num_threads())
+    window, alpha = kernel_window(size, alpha, C)
+    lrn_forward(x3, y3, window, alpha, beta, k, get_num_threads())
     return y3.reshape(x.shape), LRNSaved(x3, x.shape, x.dtype)
 
 
@@ -47,7 +61,8 @@ def local_response_norm_backward(dy, saved, size, alpha, beta, k):
         return np.zeros(saved.shape, saved.dtype)
     dy3 = np.ascontiguousarray(dy).reshape(saved.x3.shape)
     dx3 = np.empty_like(saved.x3)
-    lrn_backward(dy3, saved.x3, dx3, size, alpha, beta, k, get_num_threads())
+    window, alpha = kernel_window(size, alpha, saved.x3.shape[1])
+    lrn_backward(dy3, saved.x3, dx3, window, alpha, beta, k, get_num_threads())
     return dx3.reshape(saved.shape)
 
 

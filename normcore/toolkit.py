@@ -15,7 +15,9 @@ arrays of shape (N, C) (one per row), (C,) (one per channel) or scalars.
     dx = apply_rows_backward(dy, x, a, center, b, c)  # a * dy + b * (x - center) + c, per row
 
 Input checks the built-ins use: as_float_array(x) (float32/float64 or TypeError) and
-check_grad_output(dy, shape, dtype) (dy of backward: the forward input's shape, cast to its dtype).
+check_grad_output(dy, shape, dtype) (dy of backward: the forward input's shape, cast to its dtype);
+constructor checks with the built-ins' exception types and words: check_positive_int(value, name),
+check_eps(eps), check_finite_real(value, name), check_bool(value, name), check_dtype_arg(dtype).
 """
 import math
 
@@ -26,9 +28,18 @@ from normcore._kernels.apply_rows import apply_rows_backward as _apply_rows_back
 from normcore._kernels.grad_sums import row_grad_sums as _row_grad_sums
 from normcore._kernels.moments import row_moments as _row_moments
 from normcore.threads import get_num_threads
-from normcore.validation import as_float_array, check_grad_output
+from normcore.validation import (
+    as_float_array,
+    check_bool,
+    check_dtype_arg,
+    check_eps,
+    check_finite_real,
+    check_grad_output,
+    check_positive_int,
+)
 
-__all__ = ["as_float_array", "check_grad_output", "as_rows", "row_moments", "row_grad_sums", "apply_rows",
+__all__ = ["as_float_array", "check_grad_output", "check_positive_int", "check_eps", "check_finite_real",
+           "check_bool", "check_dtype_arg", "as_rows", "row_moments", "row_grad_sums", "apply_rows",
            "apply_rows_backward"]
 
 

@@ -22,6 +22,8 @@ not detached) and the softmax on (N, C) arrays, and one apply pass.
 
 SwitchableNorm1d takes (N, C): LN over C and BN over N, unbiased variances, weights (LN, BN).
 """
+import math
+
 import numpy as np
 
 import normcore as nc
@@ -40,12 +42,6 @@ def _softmax_backward(p, grad_p):
     return p * (grad_p - np.dot(p, grad_p))
 
 
-def _check_flag(value, name):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
-
-
 class _SwitchableNorm(nc.Module):
     _parameter_names = ("weight", "bias", "mean_weight", "var_weight")
     _buffer_names = ("running_mean", "running_var")
@@ -55,26 +51,19 @@ class _SwitchableNorm(nc.Module):
     def __init__(self, num_features, eps=1e-5, momentum=None, using_moving_average=True, using_bn=True,
                  last_gamma=False, population_variance=False, dtype=np.float32):
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
-            raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
-        if num_features < 1:
-            raise ValueError(f"num_features must be a positive int, got {num_features}")
-        if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0):
-            raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+        self.num_features = toolkit.check_positive_int(num_features, "num_features")
+        self.eps = toolkit.check_eps(eps)
         momentum = self._default_momentum if momentum is None else momentum
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        momentum = toolkit.check_finite_real(momentum, "momentum")
+        if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum (the fraction of the running statistics kept) must be in [0, 1], "
                              f"got {momentum!r}")
-        self.num_features = int(num_features)
-        self.eps = float(eps)
-        self.momentum = float(momentum)
-        self.using_moving_average = _check_flag(using_moving_average, "using_moving_average")
-        self.using_bn = _check_flag(using_bn, "using_bn")
-        self.last_gamma = _check_flag(last_gamma, "last_gamma")
-        self.population_variance = _check_flag(population_variance, "population_variance")
-        self.dtype = np.dtype(dtype)
-        if self.dtype not in (np.float32, np.float64):
-            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+        self.momentum = momentum
+        self.using_moving_average = toolkit.check_bool(using_moving_average, "using_moving_average")
+        self.using_bn = toolkit.check_bool(using_bn, "using_bn")
+        self.last_gamma = toolkit.check_bool(last_gamma, "last_gamma")
+        self.population_variance = toolkit.check_bool(population_variance, "population_variance")
+        self.dtype = toolkit.check_dtype_arg(dtype)
         C = self.num_features
         self.weight = (np.zeros if self.last_gamma else np.ones)(C, self.dtype)
         self.bias = np.zeros(C, self.dtype)
@@ -105,7 +94,12 @@ class _SwitchableNorm(nc.Module):
             if hasattr(value, "detach") and hasattr(value, "numpy"):
                 value = value.detach().cpu().numpy()
             current = getattr(self, key, None) if key in self._state_names() else None
-            arr = np.asarray(value) if current is not None else value
+            arr = value
+            if current is not None:
+                try:
+                    arr = np.asarray(value)
+                except (ValueError, TypeError) as exc:
+                    raise TypeError(f"state_dict[{key!r}] is not an array: {exc}") from exc
             if current is not None and arr.shape != current.shape and arr.size == current.size \
                     and arr.ndim >= 1 and sum(d != 1 for d in arr.shape) <= 1:
                 arr = arr.reshape(current.shape)
@@ -168,7 +162,7 @@ class _SwitchableNorm(nc.Module):
     def forward(self, x):
         x = self._check_input(x)
         N, C = x.shape[:2]
-        L = x.size // (N * C) if N * C else 0
+        L = math.prod(x.shape[2:])
         if not self.population_variance and L < 2:
             raise ValueError(f"Expected more than 1 spatial element per channel (unbiased variance), "
                              f"got input size {x.shape}")
