@@ -241,10 +241,12 @@ def backward(dy, saved, n_threads):
         r = saved.rstd
         b = g.group_to_rows(-(r * r * r) * s2 / M)
         c = g.group_to_rows(-r * s1 / M)
+        apply_backward(dy2, x2, dx2, center, a, b, c, g.period, n_threads)
     else:
-        # Given (running) statistics are constants: dx = gamma * rstd * dy.
-        b = c = np.zeros(g.period)
-    apply_backward(dy2, x2, dx2, center, a, b, c, g.period, n_threads)
+        # Given (running) statistics are constants: dx = gamma * rstd * dy, which reads neither x
+        # nor the mean (a NaN there must not reach dx): the kernel gets dy in place of x.
+        zeros = np.zeros(g.period)
+        apply_backward(dy2, dy2, dx2, zeros, a, zeros, zeros, g.period, n_threads)
     if layout_cl:
         return channels_last_like(dx2, saved.shape), dweight, dbias
     return dx2.reshape(saved.shape), dweight, dbias
