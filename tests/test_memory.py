@@ -140,7 +140,13 @@ def run_child(code, args, env_extra=None, timeout=600):
     # would slow them all down. The wait policy changes no allocation.
     env.setdefault("OMP_WAIT_POLICY", "passive")
     env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], env=env, cwd=str(ROOT),
+    argv = [sys.executable, "-c", code, json.dumps(args)]
+    if os.path.exists("/bin/sh"):
+        # Linux keeps ru_maxrss across exec: a child exec'd straight from pytest (hundreds of MiB
+        # with torch loaded) would start with pytest's peak. A shell in between, which forks the
+        # child rather than exec'ing it, gives the child a peak of its own.
+        argv = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *argv]
+    proc = subprocess.run(argv, env=env, cwd=str(ROOT),
                           capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"child failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
