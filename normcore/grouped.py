@@ -123,6 +123,17 @@ def _f64(v, C, fill):
     return np.asarray(v, dtype=np.float64)
 
 
+def _given_stats(mean, var, eps):
+    """Given (running) mean and var + eps as float64 copies (saved for backward), for the
+    kernels to use with eps 0: rstd = 1 / sqrt(var + eps) as in PyTorch, also for a negative
+    var (the kernels clamp a variance at 0, a guard meant for batch statistics), and NaN where
+    var + eps < 0 rather than a finite scale. For var >= 0 the bits are those of eps given."""
+    mean = np.array(mean, dtype=np.float64)
+    var_eps = np.array(var, dtype=np.float64) + eps
+    var_eps[var_eps < 0] = np.nan
+    return mean, var_eps
+
+
 def forward(x, grouping, weight, bias, eps, n_threads, stats=None):
     """Normalise x (N, C, *) over the groups of `grouping`.
 
@@ -132,6 +143,8 @@ def forward(x, grouping, weight, bias, eps, n_threads, stats=None):
     """
     g = grouping
     w = _f64(weight, g.C, 1.0)
+    if stats is not None:
+        stats, eps = _given_stats(*stats, eps), 0.0
     x3 = channels_last_rows(x, g.N, g.C)
     if x3 is not None:
         return _forward_channels_last(x, x3, g, w, _f64(bias, g.C, 0.0), eps, n_threads, stats)
@@ -148,7 +161,7 @@ def forward(x, grouping, weight, bias, eps, n_threads, stats=None):
     if stats is None:
         mean, m2 = np.empty(g.C), np.empty(g.C)
     else:
-        mean, m2 = (np.array(s, dtype=np.float64) for s in stats)  # given mean and variance
+        mean, m2 = stats  # given mean and variance
     rstd = np.empty(g.C)
     channel_forward(x2, y2, g.C, w, _f64(bias, g.C, 0.0), eps, mean, m2, rstd, stats is None, n_threads)
     batch = BatchStats(None, None, mean, m2) if stats is None else None
@@ -181,7 +194,7 @@ def _forward_channels_last(x, x3, g, w, bias, eps, n_threads, stats):
         batch = BatchStats(row_mean, row_m2, mean, m2)
         var = m2 / (g.k * g.L)
     else:
-        mean, var = (np.array(s, dtype=np.float64) for s in stats)  # copies: saved for backward
+        mean, var = stats
     rstd = 1.0 / np.sqrt(np.maximum(var, 0.0) + eps)
     center = g.group_to_rows(mean)
     scale = g.group_to_rows(rstd) * g.channel_to_rows(w)

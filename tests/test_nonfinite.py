@@ -628,3 +628,21 @@ def test_switchable_norm_confined(case, dtype, value, threads):
             clean, out = cleans[label], run(build, xp, dy)
             check(out["y"], clean["y"], sample, sample, f"y ({label}, {where})")
             check(out["dx"], clean["dx"], sample, sample, f"dx ({label}, {where})")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("bad", [-1.0, -np.inf])
+def test_eval_with_negative_running_var_gives_nan_in_that_channel(bad, layout):
+    """A running variance below -eps is invalid: that channel is NaN, as 1 / sqrt(var + eps) is
+    in PyTorch, not a finite scale from the kernels' clamp at 0. A small negative one above -eps
+    stays finite (var + eps > 0), as in PyTorch."""
+    rng = np.random.default_rng(11)
+    m = nc.BatchNorm2d(3).eval()
+    m.running_var[...] = [1.0, bad, -1e-7]
+    x = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    if layout == "channels_last":
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    y = m(x)
+    assert np.isfinite(y[:, 0]).all() and np.isnan(y[:, 1]).all() and np.isfinite(y[:, 2]).all()
+    expected = x[:, 2] / np.sqrt(np.float64(-1e-7) + m.eps)
+    np.testing.assert_allclose(y[:, 2], expected, rtol=1e-5)
