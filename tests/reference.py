@@ -291,6 +291,158 @@ def local_response_norm_backward(x, dy, size, alpha, beta, k):
 
 
 # ---------------------------------------------------------------------------
+# SwitchableNorm (Luo et al., 2018: the algorithm of the paper's released code)
+# ---------------------------------------------------------------------------
+#
+# x (N, C) [SwitchableNorm1d] or (N, C, *) [2d / 3d]. Sources of statistics, mixed by
+# softmax(mean_weight) and softmax(var_weight) in this order:
+#   2d / 3d: IN  mean_in, var_in  over the L = prod(*) values of a row (n, c)
+#            LN  mean_ln = mean_c(mean_in), var_ln = mean_c(var_in + mean_in^2) - mean_ln^2
+#            BN  mean_bn = mean_n(mean_in), var_bn = mean_n(var_in + mean_in^2) - mean_bn^2
+#   1d:      LN  mean and variance of each sample over its C values
+#            BN  mean and variance of each channel over the N samples
+# Variances are unbiased (ddof 1) unless population_variance (ddof 0). BN is left out without
+# using_bn, and comes from the running buffers in eval. y = (x - mean) / sqrt(var + eps) * weight
+# + bias. The running buffers after a training step: momentum * running + (1 - momentum) *
+# batch with using_moving_average, else running_mean + mean_bn and running_var + mean_bn^2 +
+# var_bn. The gradients go through every statistic taken from x (BN's too: not detached).
+
+
+def _softmax(z):
+    e = np.exp(z - np.max(z))
+    return e / e.sum()
+
+
+def switchable_norm_stats(x, mean_weight, var_weight, running_mean, running_var, training,
+                          using_bn=True, population_variance=False):
+    """The statistics of SwitchableNorm for x, in float64: a dict with
+    sources: [(name, mean, var)] (each broadcasting against (N, C)); mw, vw: the softmax
+    weights; mean, var: the mixed statistics, shape (N, C)."""
+    x = _f64(x)
+    N, C = x.shape[:2]
+    ddof = 0 if population_variance else 1
+    if x.ndim == 2:
+        sources = [("ln", x.mean(axis=1, keepdims=True), x.var(axis=1, ddof=ddof, keepdims=True))]
+        if using_bn and training:
+            sources.append(("bn", x.mean(axis=0, keepdims=True), x.var(axis=0, ddof=ddof, keepdims=True)))
+    else:
+        xr = x.reshape(N, C, -1)
+        mean_in = xr.mean(axis=2)
+        var_in = xr.var(axis=2, ddof=ddof)
+        # mean(var_in + mean_in^2) - mean^2, written without its cancellation
+        mean_ln = mean_in.mean(axis=1, keepdims=True)
+        var_ln = (var_in + (mean_in - mean_ln) ** 2).mean(axis=1, keepdims=True)
+        mean_bn = mean_in.mean(axis=0, keepdims=True)
+        var_bn = (var_in + (mean_in - mean_bn) ** 2).mean(axis=0, keepdims=True)
+        sources = [("in", mean_in, var_in), ("ln", mean_ln, var_ln)]
+        if using_bn and training:
+            sources.append(("bn", mean_bn, var_bn))
+    if using_bn and not training:
+        sources.append(("bn", _f64(running_mean)[None, :], _f64(running_var)[None, :]))
+    mw = _softmax(_f64(mean_weight))
+    vw = _softmax(_f64(var_weight))
+    assert len(mw) == len(vw) == len(sources)
+    mean = sum(w * np.broadcast_to(m, (N, C)) for w, (_, m, _) in zip(mw, sources))
+    var = sum(w * np.broadcast_to(v, (N, C)) for w, (_, _, v) in zip(vw, sources))
+    return dict(sources=sources, mw=mw, vw=vw, mean=mean, var=var)
+
+
+def switchable_norm_forward(x, weight, bias, mean_weight, var_weight, running_mean, running_var, training,
+                            using_bn=True, using_moving_average=True, momentum=0.9, eps=1e-5,
+                            population_variance=False):
+    """(y, new running_mean, new running_var); the new buffers are copies of the given ones
+    unless a training step with BN updates them (None without BN)."""
+    x = _f64(x)
+    N, C = x.shape[:2]
+    st = switchable_norm_stats(x, mean_weight, var_weight, running_mean, running_var, training,
+                               using_bn, population_variance)
+    shape = (N, C) + (1,) * (x.ndim - 2)
+    xhat = (x - st["mean"].reshape(shape)) / np.sqrt(st["var"].reshape(shape) + eps)
+    y = xhat * _f64(weight).reshape((1, C) + (1,) * (x.ndim - 2)) + _f64(bias).reshape((1, C) + (1,) * (x.ndim - 2))
+    if not using_bn:
+        return y, None, None
+    new_rm, new_rv = _f64(running_mean).copy(), _f64(running_var).copy()
+    if training:
+        _, mean_bn, var_bn = st["sources"][-1]
+        mean_bn, var_bn = mean_bn.reshape(C), var_bn.reshape(C)
+        if using_moving_average:
+            new_rm = momentum * new_rm + (1.0 - momentum) * mean_bn
+            new_rv = momentum * new_rv + (1.0 - momentum) * var_bn
+        else:
+            new_rm = new_rm + mean_bn
+            new_rv = new_rv + mean_bn ** 2 + var_bn
+    return y, new_rm, new_rv
+
+
+def _moments_backward(x, mean, d_mean, d_var, axis, ddof):
+    """dx of mean = mean(x, axis) and var = sum((x - mean)^2, axis) / (n - ddof), given the
+    gradients d_mean and d_var (keepdims shapes)."""
+    n = x.shape[axis]
+    xc = x - mean
+    d_mean = d_mean + d_var * (-2.0) * xc.sum(axis=axis, keepdims=True) / (n - ddof)
+    return d_var * 2.0 * xc / (n - ddof) + d_mean / n
+
+
+def switchable_norm_backward(x, dy, weight, mean_weight, var_weight, running_mean, running_var, training,
+                             using_bn=True, eps=1e-5, population_variance=False):
+    """(dx, grads) with grads a dict of weight, bias, mean_weight, var_weight; reverse mode
+    through the forward above, step by step (the running buffers of eval are constants)."""
+    x, dy = _f64(x), _f64(dy)
+    N, C = x.shape[:2]
+    ddof = 0 if population_variance else 1
+    st = switchable_norm_stats(x, mean_weight, var_weight, running_mean, running_var, training,
+                               using_bn, population_variance)
+    xr = x.reshape(N, C, -1)
+    dyr = dy.reshape(N, C, -1)
+    w = _f64(weight)
+    rstd = 1.0 / np.sqrt(st["var"] + eps)                       # (N, C)
+    xc = xr - st["mean"][:, :, None]
+    xhat = xc * rstd[:, :, None]
+    grads = {"weight": (dyr * xhat).sum(axis=(0, 2)), "bias": dyr.sum(axis=(0, 2))}
+    g = dyr * w[None, :, None]                                  # dL/dxhat
+    dxr = g * rstd[:, :, None]
+    d_mean = -(g * rstd[:, :, None]).sum(axis=2)                 # dL/d(mixed mean), (N, C)
+    d_var = (g * xc).sum(axis=2) * (-0.5) * rstd ** 3           # dL/d(mixed var), (N, C)
+
+    def softmax_grad(p, grad_p):
+        return p * (grad_p - np.dot(p, grad_p))
+
+    mw, vw = st["mw"], st["vw"]
+    grads["mean_weight"] = softmax_grad(mw, np.array([np.sum(d_mean * m) for _, m, _ in st["sources"]]))
+    grads["var_weight"] = softmax_grad(vw, np.array([np.sum(d_var * v) for _, _, v in st["sources"]]))
+
+    if x.ndim == 2:
+        x2 = xr[:, :, 0]
+        dx = dxr[:, :, 0]
+        for k, (name, m, v) in enumerate(st["sources"]):
+            if name == "bn" and not training:
+                continue  # running statistics: constants
+            axis = 1 if name == "ln" else 0
+            dm = mw[k] * d_mean.sum(axis=axis, keepdims=True)
+            dv = vw[k] * d_var.sum(axis=axis, keepdims=True)
+            dx = dx + _moments_backward(x2, m, dm, dv, axis, ddof)
+        return dx.reshape(x.shape), grads
+
+    # 2d / 3d: first down to the per-row (IN) moments, then to x.
+    mean_in = st["sources"][0][1]
+    d_mean_in = mw[0] * d_mean
+    d_var_in = vw[0] * d_var
+    for k, (name, m, v) in enumerate(st["sources"][1:], start=1):
+        if name == "bn" and not training:
+            continue
+        axis, n = (1, C) if name == "ln" else (0, N)
+        dm = mw[k] * d_mean.sum(axis=axis, keepdims=True)
+        dv = vw[k] * d_var.sum(axis=axis, keepdims=True)
+        # v = mean_axis(var_in) + mean_axis((mean_in - m)^2), m = mean_axis(mean_in)
+        d_var_in = d_var_in + dv / n
+        d_mean_in = d_mean_in + dv * 2.0 * (mean_in - m) / n
+        dm = dm + dv * (-2.0) * (mean_in - m).mean(axis=axis, keepdims=True)
+        d_mean_in = d_mean_in + dm / n
+    dxr = dxr + _moments_backward(xr, mean_in[:, :, None], d_mean_in[:, :, None], d_var_in[:, :, None], 2, ddof)
+    return dxr.reshape(x.shape), grads
+
+
+# ---------------------------------------------------------------------------
 # Finite differences
 # ---------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from reference import (
     instance_norm_forward, instance_norm_backward,
     layer_norm_forward, layer_norm_backward,
     group_norm_forward, group_norm_backward,
+    switchable_norm_forward, switchable_norm_backward, switchable_norm_stats,
     numeric_gradient as _numgrad,
 )
 
@@ -95,6 +96,87 @@ def test_forward_does_not_mutate_inputs():
     _, nrm, nrv = instance_norm_forward(x, None, None, rm, rv, True, 0.1, EPS)
     assert np.all(rm == 0) and np.all(rv == 1)
     assert batch_norm_forward(x, None, None, None, None, True, 0.1, EPS)[1:] == (None, None)
+
+
+SN_SHAPES = {1: (5, 4), 2: (3, 4, 3, 2), 3: (2, 4, 2, 3, 2)}
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("using_bn", [True, False])
+@pytest.mark.parametrize("population", [False, True])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_fd_switchable_norm(dims, population, using_bn, training):
+    """dx and every parameter gradient (mean_weight and var_weight too) of the SwitchableNorm
+    reference against finite differences of its forward; in eval the running buffers are
+    constants."""
+    rng = np.random.default_rng(7 + dims)
+    shape = SN_SHAPES[dims]
+    C = shape[1]
+    n_src = (2 if dims == 1 else 3) - (not using_bn)
+    params = dict(weight=rng.uniform(0.5, 1.5, C), bias=rng.standard_normal(C),
+                  mean_weight=rng.standard_normal(n_src), var_weight=rng.standard_normal(n_src))
+    rm = rng.standard_normal(C) if using_bn else None
+    rv = rng.uniform(0.5, 2.0, C) if using_bn else None
+    x = rng.standard_normal(shape) * 2 + 1
+    r = rng.standard_normal(shape)
+    opts = dict(using_bn=using_bn, eps=1e-3, population_variance=population)
+
+    def loss():
+        y = switchable_norm_forward(x, params["weight"], params["bias"], params["mean_weight"],
+                                    params["var_weight"], rm, rv, training, momentum=0.9, **opts)[0]
+        return float(np.sum(y * r))
+
+    dx, grads = switchable_norm_backward(x, r, params["weight"], params["mean_weight"], params["var_weight"],
+                                         rm, rv, training, **opts)
+    assert set(grads) == set(params)
+    np.testing.assert_allclose(dx, _numgrad(loss, x), **TOL)
+    for name, p in params.items():
+        np.testing.assert_allclose(grads[name], _numgrad(loss, p), **TOL, err_msg=name)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_switchable_norm_reference_statistics(dims):
+    """The mixed statistics and the running buffers written out by hand (the released code's
+    mean(var + mean^2) - mean^2, fine for these well-conditioned values)."""
+    rng = np.random.default_rng(20 + dims)
+    shape = SN_SHAPES[dims]
+    N, C = shape[:2]
+    x = rng.standard_normal(shape) + 0.5
+    mw, vw = rng.standard_normal(2 if dims == 1 else 3), rng.standard_normal(2 if dims == 1 else 3)
+    rm, rv = rng.standard_normal(C), rng.uniform(0.5, 2.0, C)
+    pm, pv = np.exp(mw) / np.exp(mw).sum(), np.exp(vw) / np.exp(vw).sum()
+    if dims == 1:
+        means = [x.mean(1, keepdims=True) + 0 * x, x.mean(0, keepdims=True) + 0 * x]
+        variances = [x.var(1, ddof=1, keepdims=True) + 0 * x, x.var(0, ddof=1, keepdims=True) + 0 * x]
+        mean_bn, var_bn = x.mean(0), x.var(0, ddof=1)
+    else:
+        xr = x.reshape(N, C, -1)
+        m_in, v_in = xr.mean(2), xr.var(2, ddof=1)
+        temp = v_in + m_in ** 2
+        m_ln = m_in.mean(1, keepdims=True)
+        m_bn = m_in.mean(0, keepdims=True)
+        means = [m_in, m_ln + 0 * m_in, m_bn + 0 * m_in]
+        variances = [v_in, temp.mean(1, keepdims=True) - m_ln ** 2 + 0 * m_in,
+                     temp.mean(0, keepdims=True) - m_bn ** 2 + 0 * m_in]
+        mean_bn, var_bn = m_bn[0], (temp.mean(0) - m_bn[0] ** 2)
+    st = switchable_norm_stats(x, mw, vw, rm, rv, True)
+    np.testing.assert_allclose(st["mean"], sum(p * m for p, m in zip(pm, means)), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(st["var"], sum(p * v for p, v in zip(pv, variances)), rtol=1e-12, atol=1e-12)
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    y, nrm, nrv = switchable_norm_forward(x, w, b, mw, vw, rm, rv, True, momentum=0.7)
+    np.testing.assert_allclose(nrm, 0.7 * rm + 0.3 * mean_bn, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(nrv, 0.7 * rv + 0.3 * var_bn, rtol=1e-12, atol=1e-12)
+    _, nrm, nrv = switchable_norm_forward(x, w, b, mw, vw, rm, rv, True, using_moving_average=False)
+    np.testing.assert_allclose(nrm, rm + mean_bn, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(nrv, rv + mean_bn ** 2 + var_bn, rtol=1e-12, atol=1e-12)
+    _, nrm, nrv = switchable_norm_forward(x, w, b, mw, vw, rm, rv, False)
+    np.testing.assert_array_equal(nrm, rm)  # eval: unchanged
+    np.testing.assert_array_equal(nrv, rv)
+    shape_c = (1, C) + (1,) * (x.ndim - 2)
+    shape_nc = (N, C) + (1,) * (x.ndim - 2)
+    expected = ((x - st["mean"].reshape(shape_nc)) / np.sqrt(st["var"].reshape(shape_nc) + 1e-5)
+                * w.reshape(shape_c) + b.reshape(shape_c))
+    np.testing.assert_allclose(y, expected, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- torch comparisons
