@@ -30,7 +30,11 @@ _lock_creation = threading.Lock()
 def _holding_lock(method):
     @functools.wraps(method)
     def locked(self, *args, **kwargs):
-        with self.lock:
+        try:
+            lock = self._lock
+        except AttributeError:  # first call (or a subclass that skipped Module.__init__)
+            lock = self.lock
+        with lock:
             return method(self, *args, **kwargs)
     locked.holds_module_lock = True
     return locked
