@@ -21,6 +21,7 @@ from normcore.instance_norm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3
 from normcore.layer_norm import LayerNorm
 from normcore.local_response_norm import LocalResponseNorm
 from normcore.module import Module
+from normcore.sync_batch_norm import SyncBatchNorm
 from normcore.registry import (
     DuplicateNormError,
     PluginLoadError,
@@ -46,6 +47,7 @@ __all__ = [
     "LayerNorm",
     "GroupNorm",
     "LocalResponseNorm",
+    "SyncBatchNorm",
     "functional",
     "toolkit",
     "register_norm",

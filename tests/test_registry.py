@@ -15,7 +15,7 @@ from normcore import registry
 ROOT = Path(__file__).resolve().parents[1]
 BUILTINS = ["batch_norm1d", "batch_norm2d", "batch_norm3d", "instance_norm1d", "instance_norm2d", "instance_norm3d",
             "layer_norm", "group_norm", "local_response_norm", "switchable_norm1d", "switchable_norm2d",
-            "switchable_norm3d"]
+            "switchable_norm3d", "sync_batch_norm"]
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,217 @@
+"""SyncBatchNorm: BatchNorm whose training statistics are those of the whole batch, held in
+slices by the processes of an MPI communicator (data-parallel training).
+
+Forward, in training: each rank computes per-channel (count, mean, M2) of its slice (one pass
+of the row-moments kernel, then Chan's merge over its rows); one collective gathers them, and
+every rank merges the ranks' statistics in rank order with Chan's formula, so every rank holds
+bitwise the same global mean and variance; then the usual apply. Backward: per-channel
+(sum dy, sum dy * (x - mean)) of each slice, gathered and summed in rank order the same way;
+the parameter gradients are the global sums, identical on every rank.
+
+The collective is an Allgather of each rank's 2*C + 2 numbers (a flag, the count, C means, C M2s;
+backward a flag and 2*C sums), not an Allreduce: the rank-order merge is then done by each rank
+itself, so the result is the same on every rank and for every MPI implementation and reduction
+tree. The flag lets a rank whose input is refused tell the others: every rank then raises
+(the refusing one its own error, the others RuntimeError) instead of waiting in a collective
+forever, and no rank changes any state.
+
+Eval, and training without running statistics outside training mode, are local (as PyTorch).
+Every rank must call forward and backward the same number of times, in the same mode.
+mpi4py is imported only when a SyncBatchNorm is made: `import normcore` does not need it.
+"""
+import math
+
+import numpy as np
+
+from normcore import toolkit
+from normcore.batch_norm import _BatchNorm
+from normcore.channel_norm import ChannelNorm
+from normcore.registry import register_norm
+from normcore.validation import as_float_array, check_grad_output
+
+__all__ = ["SyncBatchNorm"]
+
+MPI_HINT = 'SyncBatchNorm needs mpi4py and an MPI library: pip install "normcore[mpi]"'
+
+
+def _mpi():
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ImportError(f"{MPI_HINT} ({exc})") from exc
+    return MPI
+
+
+def merge_in_rank_order(counts, means, m2s):
+    """Chan's merge of per-rank (count, mean[C], M2[C]), rank 0 first: (count, mean, M2)."""
+    n = 0.0
+    mean = np.zeros(means.shape[1])
+    m2 = np.zeros(means.shape[1])
+    for n_b, mean_b, m2_b in zip(counts, means, m2s):
+        if n_b == 0:
+            continue
+        total = n + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta * delta * (n * n_b / total)
+        n = total
+    return n, mean, m2
+
+
+def _rows_view(a):
+    """(N, C) as (N, C, 1): the toolkit's (N, C, *) rows."""
+    return a if a.ndim > 2 else a[:, :, None]
+
+
+class SyncRecord:
+    """What a synchronised training forward keeps for backward."""
+
+    __slots__ = ("x", "shape", "dtype", "mean", "rstd", "count")
+
+    def __init__(self, x, shape, dtype, mean, rstd, count):
+        self.x, self.shape, self.dtype = x, shape, dtype
+        self.mean, self.rstd, self.count = mean, rstd, count
+
+
+@register_norm("sync_batch_norm")
+class SyncBatchNorm(_BatchNorm):
+    """BatchNorm over (N, C) / (N, C, L) / (N, C, H, W) / (N, C, D, H, W) input with the
+    statistics of the batch of all ranks of `comm` (an mpi4py communicator; default
+    MPI.COMM_WORLD) in training. Parameters, buffers and the other arguments are those of
+    nc.BatchNorm2d; ranks may hold different batch sizes, zero included."""
+
+    _dims = (2, 3, 4, 5)
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 comm=None, dtype=np.float32):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
+        MPI = _mpi()
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        if not isinstance(comm, MPI.Comm):
+            raise TypeError(f"comm must be an mpi4py communicator (mpi4py.MPI.Comm), got {type(comm).__name__}")
+        self.comm = comm
+
+    @classmethod
+    def from_batch_norm(cls, bn, comm=None):
+        """A SyncBatchNorm with bn's arguments, mode and copies of its parameters and buffers."""
+        if not isinstance(bn, ChannelNorm) or not isinstance(bn, _BatchNorm):
+            raise TypeError(f"from_batch_norm expects a normcore BatchNorm1d/2d/3d, got {type(bn).__name__}")
+        sync = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, comm=comm,
+                   dtype=bn.dtype)
+        sync.load_state_dict(bn.state_dict())
+        sync.train(bn.training)
+        return sync
+
+    def __repr__(self):
+        return super().__repr__()[:-1] + f", comm size={self.comm.Get_size()})"
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)  # eval: local, as BatchNorm
+        C = self.num_features
+        error, x = self._checked(x)
+        local = np.zeros(2 + 2 * C)
+        if error is None:
+            local[0] = 1.0
+            local[1], local[2:2 + C], local[2 + C:] = self._local_moments(x)
+        gathered = self._gather(local)
+        self._raise_if_refused(gathered[:, 0], error)
+        count, mean, m2 = merge_in_rank_order(gathered[:, 1], gathered[:, 2:2 + C], gathered[:, 2 + C:])
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {int(count)} value(s) "
+                             f"per channel over the {len(gathered)} ranks (input size {x.shape} here)")
+        var = m2 / count
+        rstd = 1.0 / np.sqrt(var + self.eps)
+        weight = 1.0 if self.weight is None else self.weight.astype(np.float64)
+        bias = 0.0 if self.bias is None else self.bias.astype(np.float64)
+        y = toolkit.apply_rows(_rows_view(x), mean, rstd * weight, bias).reshape(x.shape) if x.size \
+            else np.empty_like(x)
+        # Every rank got the same statistics: commit the state.
+        if self.track_running_stats:
+            count_steps = int(self.num_batches_tracked) + 1
+            factor = 1.0 / count_steps if self.momentum is None else self.momentum
+            self.num_batches_tracked[...] = count_steps
+            unbiased = m2 / (count - 1)
+            self.running_mean[...] = (1.0 - factor) * self.running_mean.astype(np.float64) + factor * mean
+            self.running_var[...] = (1.0 - factor) * self.running_var.astype(np.float64) + factor * unbiased
+        self._saved = SyncRecord(x, x.shape, x.dtype, mean, rstd, count)
+        return y
+
+    def _checked(self, x):
+        """(None, x as a float array) or (the error this rank's input raises, x or None)."""
+        try:
+            x = as_float_array(x)
+            self._check_input_dim(x)
+            if x.shape[1] != self.num_features:
+                raise ValueError(f"expected input with {self.num_features} channels (num_features) at dim 1, "
+                                 f"got {x.shape[1]} channels in input of shape {x.shape}")
+        except (TypeError, ValueError) as exc:
+            return exc, None
+        return None, x
+
+    @staticmethod
+    def _local_moments(x):
+        """(count, mean[C], M2[C]) of this rank's slice, rows merged with Chan's formula."""
+        N, C = x.shape[:2]
+        L = math.prod(x.shape[2:])
+        if N * L == 0:
+            return 0.0, np.zeros(C), np.zeros(C)
+        row_mean, row_m2 = toolkit.row_moments(_rows_view(x))
+        mean = row_mean.mean(axis=0)
+        m2 = row_m2.sum(axis=0) + L * ((row_mean - mean) ** 2).sum(axis=0)
+        return float(N * L), mean, m2
+
+    def _gather(self, local):
+        gathered = np.empty((self.comm.Get_size(), local.size))
+        self.comm.Allgather(local, gathered)
+        return gathered
+
+    def _raise_if_refused(self, flags, error):
+        if error is not None:
+            raise error
+        refused = [rank for rank, ok in enumerate(flags) if ok != 1.0]
+        if refused:
+            raise RuntimeError(f"SyncBatchNorm: rank(s) {refused} refused their input; no rank changed any state")
+
+    # -- backward ----------------------------------------------------------------------------
+    def backward(self, dy):
+        saved = self._require_forward()
+        if not isinstance(saved, SyncRecord):
+            return super().backward(dy)  # the last forward was local (eval)
+        C = self.num_features
+        error = None
+        try:
+            dy = check_grad_output(dy, saved.shape, saved.dtype)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        local = np.zeros(1 + 2 * C)
+        x = saved.x
+        if error is None:
+            local[0] = 1.0
+            if x.size:
+                s_dy, s_dyxc = toolkit.row_grad_sums(_rows_view(x), _rows_view(dy), saved.mean)
+                local[1:1 + C] = s_dy.sum(axis=0)
+                local[1 + C:] = s_dyxc.sum(axis=0)
+        gathered = self._gather(local)
+        self._raise_if_refused(gathered[:, 0], error)
+        sum_dy = np.zeros(C)
+        sum_dyxc = np.zeros(C)
+        for row in gathered:  # rank order: the same sums on every rank
+            sum_dy += row[1:1 + C]
+            sum_dyxc += row[1 + C:]
+        rstd, M = saved.rstd, saved.count
+        weight = np.ones(C) if self.weight is None else self.weight.astype(np.float64)
+        # dx = w * rstd * (dy - mean(dy) - xhat * mean(dy * xhat)), the means over the global batch.
+        a = weight * rstd
+        b = -weight * rstd ** 3 * sum_dyxc / M
+        c = -weight * rstd * sum_dy / M
+        if x.size:
+            dx = toolkit.apply_rows_backward(_rows_view(dy), _rows_view(x), a, saved.mean, b, c).reshape(saved.shape)
+        else:
+            dx = np.zeros(saved.shape, saved.dtype)
+        self.grads = {}
+        if self.affine:
+            self.grads = {"weight": (sum_dyxc * rstd).astype(self.dtype), "bias": sum_dy.astype(self.dtype)}
+        return dx
