@@ -119,7 +119,14 @@ class SyncBatchNorm(_BatchNorm):
         gathered = self._gather(local)
         self._raise_if_refused(gathered[:, 0], error)
         count, mean, m2 = merge_in_rank_order(gathered[:, 1], gathered[:, 2:2 + C], gathered[:, 2 + C:])
-        if count <= 1:
+        if count == 0:
+            # An empty batch on every rank: as BatchNorm, an empty output, the counter counts it,
+            # the running statistics stay; backward gives zeros.
+            if self.track_running_stats:
+                self.num_batches_tracked[...] = int(self.num_batches_tracked) + 1
+            self._saved = SyncRecord(x, x.shape, x.dtype, None, None, 0.0)
+            return np.empty_like(x)
+        if count == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {int(count)} value(s) "
                              f"per channel over the {len(gathered)} ranks (input size {x.shape} here)")
         var = m2 / count
@@ -181,6 +188,10 @@ class SyncBatchNorm(_BatchNorm):
         if not isinstance(saved, SyncRecord):
             return super().backward(dy)  # the last forward was local (eval)
         C = self.num_features
+        if saved.count == 0:  # every rank's batch was empty: no collective on any rank
+            check_grad_output(dy, saved.shape, saved.dtype)
+            self.grads = {"weight": np.zeros(C, self.dtype), "bias": np.zeros(C, self.dtype)} if self.affine else {}
+            return np.zeros(saved.shape, saved.dtype)
         error = None
         try:
             dy = check_grad_output(dy, saved.shape, saved.dtype)

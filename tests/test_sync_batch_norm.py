@@ -115,11 +115,16 @@ def test_bad_input_in_one_process_changes_nothing():
         assert np.array_equal(v, before[k]), k
 
 
-def test_empty_input_in_one_process_is_refused_in_training():
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
-        one_process()(np.ones((0, 3, 2, 2)))
-    m = one_process().eval()
-    assert m(np.ones((0, 3, 2, 2))).shape == (0, 3, 2, 2)
+def test_empty_batch_on_every_rank_is_batch_norm_s_empty_batch():
+    m, ref = one_process(), nc.BatchNorm2d(3, dtype=np.float64)
+    x = np.ones((0, 3, 2, 2))
+    assert m(x).shape == ref(x).shape == (0, 3, 2, 2)
+    assert int(m.num_batches_tracked) == int(ref.num_batches_tracked) == 1
+    assert np.array_equal(m.running_mean, ref.running_mean) and np.array_equal(m.running_var, ref.running_var)
+    assert m.backward(x).shape == (0, 3, 2, 2)
+    assert not m.grads["weight"].any() and not m.grads["bias"].any()
+    m.eval()
+    assert m(x).shape == (0, 3, 2, 2)
 
 
 MPIEXEC = shutil.which("mpiexec") or shutil.which("mpirun")
