@@ -21,6 +21,12 @@ cdef extern from "row_ops.h" nogil:
                                double a, double b, double c)
     void nc_apply_rows_bwd_f64(const double* dy, const double* x, double* dx, Py_ssize_t n, double center,
                                double a, double b, double c)
+    void nc_apply_rows_range_f32(const float* x, float* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
+                                 Py_ssize_t period, const double* center, const double* scale,
+                                 const double* shift)
+    void nc_apply_rows_range_f64(const double* x, double* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
+                                 Py_ssize_t period, const double* center, const double* scale,
+                                 const double* shift)
     void nc_merge_step(double* na, double* mu, double* q, double nb, double mean_b, double m2_b)
     double nc_rstd(double m2, double count, double eps)
     void nc_bwd_coeffs(double rstd, double s1, double s2, double M, double* b, double* c)
@@ -75,6 +81,17 @@ cdef inline void apply_forward(const floating* x, floating* y, Py_ssize_t n, dou
         nc_apply_rows_f32(x, y, n, center, scale, shift)
     else:
         nc_apply_rows_f64(x, y, n, center, scale, shift)
+
+
+cdef inline void apply_row_range(const floating* x, floating* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
+                                 Py_ssize_t period, const double* center, const double* scale,
+                                 const double* shift) noexcept nogil:
+    """apply_forward on the rows [r0, r1) of x and y ([R, L], contiguous), the coefficients of
+    row r at r % period: one call for many short rows (no division per row)."""
+    if floating is float:
+        nc_apply_rows_range_f32(x, y, r0, r1, L, period, center, scale, shift)
+    else:
+        nc_apply_rows_range_f64(x, y, r0, r1, L, period, center, scale, shift)
 
 
 cdef inline void apply_backward(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,

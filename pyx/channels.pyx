@@ -15,15 +15,7 @@ from libc.stdlib cimport free, malloc
 
 from fused_types cimport floating
 from chunking cimport BLOCK, n_blocks, block_len, use_threads
-from blocks cimport apply_forward, block_moments, merge_block_moments, nc_merge_step, nc_rstd
-
-cdef extern from "row_ops.h" nogil:
-    void nc_apply_rows_range_f32(const float* x, float* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
-                                 Py_ssize_t period, const double* center, const double* scale,
-                                 const double* shift)
-    void nc_apply_rows_range_f64(const double* x, double* y, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t L,
-                                 Py_ssize_t period, const double* center, const double* scale,
-                                 const double* shift)
+from blocks cimport apply_forward, apply_row_range, block_moments, merge_block_moments, nc_merge_step, nc_rstd
 
 cdef enum:
     STACK_ROWS = 256   # row statistics of at most this many rows stay on the stack
@@ -103,12 +95,8 @@ def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
         per = max(1, TASK_VALUES // L)
         for t in prange((R + per - 1) // per, nogil=True, num_threads=n_threads, use_threads_if=par,
                         schedule="static"):
-            if floating is float:
-                nc_apply_rows_range_f32(&x[0, 0], &y[0, 0], t * per, min(R, t * per + per), L, C, &mean[0],
-                                        &scale[0], &bias[0])
-            else:
-                nc_apply_rows_range_f64(&x[0, 0], &y[0, 0], t * per, min(R, t * per + per), L, C, &mean[0],
-                                        &scale[0], &bias[0])
+            apply_row_range(&x[0, 0], &y[0, 0], t * per, min(R, t * per + per), L, C, &mean[0], &scale[0],
+                            &bias[0])
         return
     for t in prange(R * nb, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
         r = t // nb
