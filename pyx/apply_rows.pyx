@@ -13,10 +13,8 @@ from cython.parallel import prange
 
 from fused_types cimport floating
 from chunking cimport BLOCK, n_blocks, block_len, use_threads
-from blocks cimport apply_forward, apply_backward, apply_row_range
-
-cdef enum:
-    TASK_VALUES = 4096  # short rows are applied in tasks of about this many values
+from blocks cimport apply_forward, apply_backward
+from row_loops cimport apply_short_rows
 
 
 def _check_coeffs(Py_ssize_t R, Py_ssize_t period, *coeffs):
@@ -36,7 +34,7 @@ def apply_rows(const floating[:, ::1] x,      # IN  [R, L]
                int n_threads=1):
     """y = (x - center[r % period]) * scale[r % period] + shift[r % period]."""
     cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
-    cdef Py_ssize_t nb, t, r, b, p, per
+    cdef Py_ssize_t nb, t, r, b, p
     cdef bint par = use_threads(n_threads, R * L)
     if y.shape[0] != R or y.shape[1] != L:
         raise ValueError("y must have the shape of x")
@@ -45,13 +43,8 @@ def apply_rows(const floating[:, ::1] x,      # IN  [R, L]
         return
     nb = n_blocks(L)
     if nb == 1:
-        # Short rows: tasks of several rows, one call each (the apply is element-wise: how rows
-        # are grouped into tasks changes no bit).
-        per = max(1, TASK_VALUES // L)
-        for t in prange((R + per - 1) // per, nogil=True, num_threads=n_threads, use_threads_if=par,
-                        schedule="static"):
-            apply_row_range(&x[0, 0], &y[0, 0], t * per, min(R, t * per + per), L, period, &center[0],
-                            &scale[0], &shift[0])
+        with nogil:
+            apply_short_rows(&x[0, 0], &y[0, 0], R, L, period, &center[0], &scale[0], &shift[0], n_threads, par)
         return
     for t in prange(R * nb, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
         r = t // nb

@@ -15,11 +15,11 @@ from libc.stdlib cimport free, malloc
 
 from fused_types cimport floating
 from chunking cimport BLOCK, n_blocks, block_len, use_threads
-from blocks cimport apply_forward, apply_row_range, block_moments, merge_block_moments, nc_merge_step, nc_rstd
+from blocks cimport apply_forward, nc_merge_step, nc_rstd
+from row_loops cimport apply_short_rows, rows_moments
 
 cdef enum:
     STACK_ROWS = 256   # row statistics of at most this many rows stay on the stack
-    TASK_VALUES = 4096 # rows of one row block are applied in tasks of about this many values
 
 
 def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
@@ -35,12 +35,11 @@ def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
                     int n_threads=1):
     """Normalise per channel; batch_stats False: mean and m2 hold the given mean and variance."""
     cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
-    cdef Py_ssize_t N, nb, t, r, b, c, n, per
+    cdef Py_ssize_t N, nb, t, r, b, c, n
     cdef double[::1] scale
     cdef double s, q, d
     cdef double stack_buf[2 * STACK_ROWS]
     cdef double* rows = stack_buf
-    cdef double[:, ::1] parts
     cdef bint par = use_threads(n_threads, R * L)
     if C < 1 or R % C != 0:
         raise ValueError(f"C={C} must divide the number of rows {R}")
@@ -59,18 +58,8 @@ def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
             if rows == NULL:
                 raise MemoryError()
         try:
-            if nb == 1:
-                for r in prange(R, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
-                    block_moments(&x[r, 0], L, &rows[2 * r], &rows[2 * r + 1])
-            else:
-                parts = np.empty((R * nb, 2), dtype=np.float64)
-                for t in prange(R * nb, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
-                    r = t // nb
-                    b = t - r * nb
-                    block_moments(&x[r, b * BLOCK], block_len(L, b), &parts[t, 0], &parts[t, 1])
-                for r in prange(R, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
-                    merge_block_moments(&parts[r * nb, 0], nb, L, BLOCK, &rows[2 * r], &rows[2 * r + 1])
             with nogil:
+                rows_moments(&x[0, 0], R, L, rows, rows + 1, 2, n_threads, par)
                 for c in range(C):
                     d = 0.0
                     s = 0.0
@@ -90,13 +79,8 @@ def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
     for c in range(C):
         scale[c] = rstd[c] * weight[c]
     if nb == 1:
-        # Short rows: tasks of several rows, one call each (the apply is element-wise: how rows
-        # are grouped into tasks changes no bit).
-        per = max(1, TASK_VALUES // L)
-        for t in prange((R + per - 1) // per, nogil=True, num_threads=n_threads, use_threads_if=par,
-                        schedule="static"):
-            apply_row_range(&x[0, 0], &y[0, 0], t * per, min(R, t * per + per), L, C, &mean[0], &scale[0],
-                            &bias[0])
+        with nogil:
+            apply_short_rows(&x[0, 0], &y[0, 0], R, L, C, &mean[0], &scale[0], &bias[0], n_threads, par)
         return
     for t in prange(R * nb, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
         r = t // nb
