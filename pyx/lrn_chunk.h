@@ -13,7 +13,12 @@
  *
  * Sums are in double. The power s^-beta is taken in type PT: float for float32 data (a few
  * float32 ulps, below the data's own precision; float sqrt and division run on twice the lanes),
- * double for float64 data. beta = 0.75 and 0.5 use sqrt and one division instead of pow.
+ * double for float64 data. beta = 0.75 and 0.5 use sqrt and one division instead of pow. In
+ * float, s^-beta and s^(-beta-1) are normal numbers only for s in [2^-72, 2^72]: a chunk in
+ * which any s lies outside (or is NaN) is computed again with PT = double (the _wide
+ * functions), so the float path changes the speed, never the range of correct results (a
+ * general beta goes through pow in double anyway, and its backward through _wide). Chunks
+ * are cut by shape alone, so this too is the same for any thread count.
  * Every loop over w treats each position on its own, so results depend neither on W nor on how
  * chunks are given to threads.
  */
@@ -22,10 +27,27 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
 
 #include "multiversion.h"
 
 enum { NC_POW_GENERAL = 0, NC_POW_075 = 1, NC_POW_05 = 2 };
+
+/* 1 for an s (a double, rounded to float as the float path sees it) outside [2^-72, 2^72], where
+ * s^-1.75 and s^-1.5 leave float's normal range [2^-126, 2^127]; also for zero, negatives,
+ * infinities and NaN. The float's bits are compared as one unsigned range, so a loop that ORs
+ * this vectorises (a reduction of float compares does not). */
+#define NC_LRN_FLOAT_SMIN_BITS 0x1b800000u /* 2^-72 as float */
+#define NC_LRN_FLOAT_SMAX_BITS 0x63800000u /* 2^72 as float */
+
+static inline uint32_t nc_lrn_outside_float_range(double s)
+{
+    const float sf = (float)s;
+    uint32_t bits;
+    memcpy(&bits, &sf, sizeof bits);
+    return bits - NC_LRN_FLOAT_SMIN_BITS > NC_LRN_FLOAT_SMAX_BITS - NC_LRN_FLOAT_SMIN_BITS;
+}
 
 static inline int nc_pow_mode(double beta)
 {
@@ -40,7 +62,7 @@ static inline ptrdiff_t nc_lrn_scratch_forward(ptrdiff_t C, ptrdiff_t size, ptrd
 
 static inline ptrdiff_t nc_lrn_scratch_backward(ptrdiff_t C, ptrdiff_t size, ptrdiff_t W)
 {
-    return (C + size) * W + W + 2 * C * W;   /* + s^-beta and u for every channel (at most doubles) */
+    return (C + size) * W + W + 2 * C * W;   /* + s^-beta and u for every channel (as doubles: wide too) */
 }
 
 /* Element-wise pieces, PT the type of the power. */
@@ -51,7 +73,7 @@ static inline ptrdiff_t nc_lrn_scratch_backward(ptrdiff_t C, ptrdiff_t size, ptr
         else { (pw) = (PT)pow((double)(s), -(beta)); }                                                \
     } while (0)
 
-#define NC_DEFINE_LRN(T, PT, SQRT, SUFFIX)                                                           \
+#define NC_DEFINE_LRN(T, PT, SQRT, CHECK_RANGE, WIDE, SUFFIX)                                                           \
 /* rows[p] = prefix sums within blocks of `size` of v(p - start), p in [0, P); v(j) = SQ ? x_j^2 : x_j */ \
 static inline void nc_lrn_prefix_##SUFFIX(const T *x, ptrdiff_t stride, const PT *u, int squares, \
                                           ptrdiff_t C, ptrdiff_t wn, ptrdiff_t W, ptrdiff_t size,    \
@@ -117,21 +139,28 @@ NC_MULTIVERSION static void nc_lrn_forward_chunk_##SUFFIX(const T *x, T *y, ptrd
         const T *restrict xc = x + p * stride;                                                        \
         T *restrict yc = y + p * stride;                                                              \
         const double *restrict pe = (p % size == 0) ? zero : pre + (p + size - 1) * W;               \
+        uint32_t outside = 0;                                                                         \
         if (mode == NC_POW_075) {                                                                     \
             for (ptrdiff_t w = 0; w < wn; w++) {                                                      \
-                const PT s = (PT)(k + scale * (suf[w] + pe[w]));                                      \
-                PT pw; NC_POW(PT, SQRT, NC_POW_075, s, beta, pw);                                     \
+                const double sd = k + scale * (suf[w] + pe[w]);                                       \
+                PT pw; NC_POW(PT, SQRT, NC_POW_075, (PT)sd, beta, pw);                                \
                 yc[w] = (T)(xc[w] * pw);                                                              \
+                if (CHECK_RANGE) outside |= nc_lrn_outside_float_range(sd);                           \
             }                                                                                         \
         } else if (mode == NC_POW_05) {                                                               \
             for (ptrdiff_t w = 0; w < wn; w++) {                                                      \
-                const PT s = (PT)(k + scale * (suf[w] + pe[w]));                                      \
-                PT pw; NC_POW(PT, SQRT, NC_POW_05, s, beta, pw);                                      \
+                const double sd = k + scale * (suf[w] + pe[w]);                                       \
+                PT pw; NC_POW(PT, SQRT, NC_POW_05, (PT)sd, beta, pw);                                 \
                 yc[w] = (T)(xc[w] * pw);                                                              \
+                if (CHECK_RANGE) outside |= nc_lrn_outside_float_range(sd);                           \
             }                                                                                         \
         } else {                                                                                      \
             for (ptrdiff_t w = 0; w < wn; w++)                                                        \
                 yc[w] = (T)((double)xc[w] * pow(k + scale * (suf[w] + pe[w]), -beta));                \
+        }                                                                                             \
+        if (CHECK_RANGE && outside) {  /* beyond the float path's range: the chunk in double */       \
+            nc_lrn_forward_chunk_##WIDE(x, y, stride, C, wn, W, size, alpha, beta, k, scratch);       \
+            return;                                                                                   \
         }                                                                                             \
     }                                                                                                 \
 }                                                                                                     \
@@ -147,6 +176,10 @@ NC_MULTIVERSION static void nc_lrn_backward_chunk_##SUFFIX(const T *dy, const T 
     const ptrdiff_t P = C + size - 1, lo = size / 2, hi = (size - 1) / 2;                             \
     const double scale = alpha / (double)size, coef = 2.0 * alpha * beta / (double)size;              \
     const int mode = nc_pow_mode(beta);                                                               \
+    if (CHECK_RANGE && mode == NC_POW_GENERAL) {  /* pow is in double: keep s^-beta and u there */  \
+        nc_lrn_backward_chunk_##WIDE(dy, x, dx, stride, C, wn, W, size, alpha, beta, k, scratch);     \
+        return;                                                                                       \
+    }                                                                                                 \
     double *restrict pre = scratch;                 /* [P][W] */                                      \
     double *restrict zero = pre + P * W;            /* [W] */                                         \
     double *restrict suf = zero + W;                /* [W] */                                         \
@@ -162,18 +195,23 @@ NC_MULTIVERSION static void nc_lrn_backward_chunk_##SUFFIX(const T *dy, const T 
         PT *restrict pwc = pw + p * W;                                                                \
         PT *restrict uc = u + p * W;                                                                  \
         const double *restrict pe = (p % size == 0) ? zero : pre + (p + size - 1) * W;               \
+        uint32_t outside = 0;                                                                         \
         if (mode == NC_POW_075) {                                                                     \
             for (ptrdiff_t w = 0; w < wn; w++) {                                                      \
-                const PT r = (PT)1 / SQRT((PT)(k + scale * (suf[w] + pe[w])));                        \
+                const double sd = k + scale * (suf[w] + pe[w]);                                       \
+                const PT r = (PT)1 / SQRT((PT)sd);                                                    \
                 const PT q = r * SQRT(r);                  /* s^-0.75 */                              \
                 pwc[w] = q;                                                                           \
                 uc[w] = (PT)gc[w] * (PT)xc[w] * (q * (r * r));                                        \
+                if (CHECK_RANGE) outside |= nc_lrn_outside_float_range(sd);                           \
             }                                                                                         \
         } else if (mode == NC_POW_05) {                                                               \
             for (ptrdiff_t w = 0; w < wn; w++) {                                                      \
-                const PT r = (PT)1 / SQRT((PT)(k + scale * (suf[w] + pe[w])));                        \
+                const double sd = k + scale * (suf[w] + pe[w]);                                       \
+                const PT r = (PT)1 / SQRT((PT)sd);                                                    \
                 pwc[w] = r;                                                                           \
                 uc[w] = (PT)gc[w] * (PT)xc[w] * (r * (r * r));                                        \
+                if (CHECK_RANGE) outside |= nc_lrn_outside_float_range(sd);                           \
             }                                                                                         \
         } else {                                                                                      \
             for (ptrdiff_t w = 0; w < wn; w++) {                                                      \
@@ -182,6 +220,10 @@ NC_MULTIVERSION static void nc_lrn_backward_chunk_##SUFFIX(const T *dy, const T 
                 pwc[w] = (PT)q;                                                                       \
                 uc[w] = (PT)((double)gc[w] * (double)xc[w] * (q / s));                                \
             }                                                                                         \
+        }                                                                                             \
+        if (CHECK_RANGE && outside) {  /* beyond the float path's range: the chunk in double */       \
+            nc_lrn_backward_chunk_##WIDE(dy, x, dx, stride, C, wn, W, size, alpha, beta, k, scratch); \
+            return;                                                                                   \
         }                                                                                             \
     }                                                                                                 \
     /* the same window sums over u, reversed: the channels whose window holds c */                    \
@@ -199,7 +241,11 @@ NC_MULTIVERSION static void nc_lrn_backward_chunk_##SUFFIX(const T *dy, const T 
     }                                                                                                 \
 }
 
-NC_DEFINE_LRN(float, float, sqrtf, f32)
-NC_DEFINE_LRN(double, double, sqrt, f64)
+/* (storage, power type, its sqrt, whether the power type needs the range check, the variant a
+ * chunk falls back to, suffix). f32_wide: float data with the power in double, for the chunks
+ * outside the float path's range (and for nothing else). */
+NC_DEFINE_LRN(float, double, sqrt, 0, f32_wide, f32_wide)
+NC_DEFINE_LRN(float, float, sqrtf, 1, f32_wide, f32)
+NC_DEFINE_LRN(double, double, sqrt, 0, f64, f64)
 
 #endif

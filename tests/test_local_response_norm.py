@@ -168,3 +168,57 @@ def test_no_drift_after_a_huge_channel(dtype):
     expected = ref.local_response_norm_forward(x, 5, 1.0, 0.75, 1.0)
     far = slice(8, None)  # windows that do not hold channel 3
     assert rel_err(y[:, far], expected[:, far]) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("beta", [0.75, 0.5, 0.6])
+@pytest.mark.parametrize("scale, alpha, k", [
+    (1e16, 1e-4, 1.0),    # s ~ 1e28: s^(-beta-1) underflows float
+    (1e14, 1e-4, 1.0),
+    (1e22, 1e-4, 1.0),    # x^2 beyond float: s overflows float
+    (1e-15, 1.0, 0.0),    # s ~ 1e-30: s^(-beta-1) overflows float
+    (1e-19, 1.0, 0.0),
+    (1.0, 1e-4, 1.0),     # the float fast path
+], ids=str)
+def test_float32_correct_where_the_power_leaves_float_range(scale, alpha, k, beta):
+    """float32 data whose s = k + alpha/size * sum(x^2), or s^(-beta-1), is beyond float: y and
+    dx as the float64 reference on the same float32 values (issue 12, item 3). The chunk holding
+    such a position is computed with the power in double."""
+    base = np.array([1.0, -2.0, 3.0, 0.5, -1.5])
+    x = (base.reshape(1, 5, 1) * scale).astype(np.float32)
+    rng = np.random.default_rng(3)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    args = (3, alpha, beta, k)
+    m = nc.LocalResponseNorm(*args)
+    y = m(x)
+    dx = m.backward(dy)
+    y_ref = ref.local_response_norm_forward(x.astype(np.float64), *args)
+    dx_ref = ref.local_response_norm_backward(x.astype(np.float64), dy.astype(np.float64), *args)
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
+    assert rel_err(y, y_ref) < 1e-6
+    assert rel_err(dx, dx_ref) < 1e-6
+
+
+def test_float32_out_of_range_positions_beside_ordinary_ones():
+    """One spatial column far out of float's range among ordinary ones, wide chunks: every
+    position as the reference, and the same bits at 1 and 2 threads."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 6, 50)).astype(np.float32)
+    x[1, :, 17] *= np.float32(1e18)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    m = nc.LocalResponseNorm(5, 1e-3, 0.75, 1.0)
+    outs = []
+    for threads in (1, 2):
+        nc.set_num_threads(threads)
+        try:
+            outs.append((m(x), m.backward(dy)))
+        finally:
+            nc.set_num_threads(None)
+    assert all(np.array_equal(a, b) for a, b in zip(*outs))
+    y, dx = outs[0]
+    args = (5, 1e-3, 0.75, 1.0)
+    x64 = x.astype(np.float64)
+    y_ref = ref.local_response_norm_forward(x64, *args)
+    dx_ref = ref.local_response_norm_backward(x64, dy.astype(np.float64), *args)
+    for n in range(2):  # per sample: the scale differs by 1e18 between them
+        assert rel_err(y[n], y_ref[n]) < 1e-6
+        assert rel_err(dx[n], dx_ref[n]) < 1e-6
