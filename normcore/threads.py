@@ -7,36 +7,82 @@ explicitly; ``set_num_threads(None)`` returns to the default.
 
 Results never depend on it: the kernels cut work into pieces of fixed size and merge them in
 a fixed order, so every output is bitwise identical for any thread count.
+
+At most ``MAX_THREADS`` (1024) threads are used: ``set_num_threads`` refuses more with
+ValueError (an OpenMP team of 10**5 threads exhausts the process's resources and crashes it),
+and a larger OpenMP default (``OMP_NUM_THREADS=100000``) is clamped to it with a warning.
 """
 import numbers
+import warnings
 
 from normcore._kernels import openmp_info
 
-__all__ = ["set_num_threads", "get_num_threads", "openmp_enabled"]
+__all__ = ["set_num_threads", "get_num_threads", "openmp_enabled", "MAX_THREADS"]
+
+# More threads than any machine's cores today, few enough for an OpenMP team to start anywhere.
+MAX_THREADS = 1024
 
 _requested = None
+_warned_clamp = False
 
 
 def set_num_threads(n):
-    """Use `n` threads in the kernels (`None`: follow OpenMP's default again)."""
+    """Use `n` threads in the kernels (``None``: follow OpenMP's default again).
+
+    Parameters
+    ----------
+    n : int or None
+        A number of threads from 1 to ``MAX_THREADS`` (1024), or None.
+
+    Raises
+    ------
+    TypeError
+        `n` is neither an int nor None.
+    ValueError
+        `n` is below 1 or above ``MAX_THREADS``.
+
+    Examples
+    --------
+    >>> import normcore as nc
+    >>> nc.set_num_threads(2)
+    >>> nc.get_num_threads()
+    2
+    >>> nc.set_num_threads(None)
+    """
     global _requested
     if n is None:
         _requested = None
         return
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"set_num_threads expects a positive int or None, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"set_num_threads expects a positive number of threads, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"set_num_threads expects a number of threads from 1 to {MAX_THREADS}, got {n}")
     _requested = int(n)
 
 
 def get_num_threads():
-    """The number of threads the next kernel call will use."""
+    """The number of threads the next kernel call will use: the ``set_num_threads`` value, or
+    OpenMP's default for the calling thread (at most ``MAX_THREADS``)."""
+    global _warned_clamp
     if _requested is not None:
         return _requested
-    return max(1, openmp_info.max_threads())
+    n = max(1, openmp_info.max_threads())
+    if n > MAX_THREADS:
+        if not _warned_clamp:
+            _warned_clamp = True
+            warnings.warn(f"OpenMP asks for {n} threads (OMP_NUM_THREADS?); normcore uses at most "
+                          f"{MAX_THREADS}", RuntimeWarning, stacklevel=2)
+        n = MAX_THREADS
+    return n
 
 
 def openmp_enabled():
-    """True when the kernels were built with OpenMP (otherwise they always run serially)."""
+    """True when the kernels were built with OpenMP (otherwise they always run serially).
+
+    Examples
+    --------
+    >>> import normcore as nc
+    >>> isinstance(nc.openmp_enabled(), bool)
+    True
+    """
     return openmp_info.openmp_enabled()

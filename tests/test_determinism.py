@@ -359,11 +359,47 @@ def test_get_num_threads_follows_threadpoolctl_and_set_num_threads():
 
 
 @pytest.mark.parametrize("bad, exc", [(0, ValueError), (-2, ValueError), (True, TypeError), (2.0, TypeError),
-                                      ("2", TypeError)])
+                                      ("2", TypeError), (nc.threads.MAX_THREADS + 1, ValueError),
+                                      (100_000, ValueError), (2**31, ValueError), (10**400, ValueError)])
 def test_set_num_threads_rejects(bad, exc):
-    with pytest.raises(exc):
-        nc.set_num_threads(bad)
-    assert nc.get_num_threads() >= 1
+    """Refused at the setter, with the range in the message, and the setting left as it was
+    (issue 12, item 2: 2**31 made every later call raise OverflowError, 100_000 crashed)."""
+    nc.set_num_threads(3)
+    try:
+        with pytest.raises(exc, match="positive int or None" if exc is TypeError else "from 1 to 1024"):
+            nc.set_num_threads(bad)
+        assert nc.get_num_threads() == 3
+        m = nc.BatchNorm2d(4)
+        m(np.ones((8, 4, 64, 64), np.float32))
+    finally:
+        nc.set_num_threads(None)
+
+
+def test_the_largest_thread_count_works_and_a_larger_openmp_default_is_clamped():
+    """MAX_THREADS threads run (a team of 1024 on 2 cores: slow, correct); OMP_NUM_THREADS
+    beyond it is clamped with one warning, in a subprocess."""
+    x = np.random.default_rng(0).normal(size=(8, 4, 64, 64)).astype(np.float32)
+    m = nc.BatchNorm2d(4)
+    expected = m(x)
+    nc.set_num_threads(nc.threads.MAX_THREADS)
+    try:
+        assert np.array_equal(nc.BatchNorm2d(4)(x), expected)
+    finally:
+        nc.set_num_threads(None)
+    script = textwrap.dedent("""
+        import warnings
+        import numpy as np, normcore as nc
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            n = nc.get_num_threads()
+            nc.get_num_threads()
+            nc.GroupNorm(2, 4)(np.ones((8, 4, 64, 64), np.float32))
+        print(n, len([w for w in caught if "at most 1024" in str(w.message)]))
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="100000")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1024", "1"]
 
 
 _ISA_SCRIPT = r"""
