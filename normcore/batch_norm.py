@@ -18,6 +18,13 @@ def check_values_per_channel(x):
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
 
 
+def check_training_eps(eps):
+    """PyTorch's rule: batch statistics in training need eps > 0 (a constant channel would
+    divide by zero)."""
+    if not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+
+
 def batch_norm_forward(x, running_mean, running_var, weight, bias, batch_stats, factor, eps):
     """Normalise x (N, C, *) per channel; changes nothing.
 
@@ -71,6 +78,7 @@ class _BatchNorm(ChannelNorm):
         batch_stats = self.training or not self.track_running_stats
         if batch_stats:
             check_values_per_channel(x)
+            check_training_eps(self.eps)
         counting = self.training and self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
         if counting:

@@ -5,7 +5,7 @@ when they use batch statistics, as PyTorch does.
 """
 import numpy as np
 
-from normcore.batch_norm import batch_norm_forward, check_values_per_channel
+from normcore.batch_norm import batch_norm_forward, check_training_eps, check_values_per_channel
 from normcore.group_norm import check_group_input, group_norm_forward
 from normcore.instance_norm import check_spatial_size, instance_norm_forward
 from normcore.layer_norm import check_layer_input, layer_norm_forward, normalize_shape
@@ -55,6 +55,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     momentum = check_momentum(momentum) or 0.0
     if training:
         check_values_per_channel(x)
+        check_training_eps(eps)
     y, _, new = batch_norm_forward(x, rm, rv, weight, bias, bool(training), momentum, eps)
     _commit(running_mean, running_var, new)
     return y

@@ -13,7 +13,10 @@ backward a flag and 2*C sums), not an Allreduce: the rank-order merge is then do
 itself, so the result is the same on every rank and for every MPI implementation and reduction
 tree. The flag lets a rank whose input is refused tell the others: every rank then raises
 (the refusing one its own error, the others RuntimeError) instead of waiting in a collective
-forever, and no rank changes any state.
+forever, and no rank changes any state. Any exception counts as a refusal (a TypeError for the
+dtype, a ValueError for the shape, the RuntimeError a torch tensor that requires grad raises when
+viewed as an array, a MemoryError, ...): whatever a rank raises before the collective, it still
+takes part in it.
 
 Eval, and training without running statistics outside training mode, are local (as PyTorch).
 Every rank must call forward and backward the same number of times, in the same mode.
@@ -24,14 +27,15 @@ import math
 import numpy as np
 
 from normcore import toolkit
-from normcore.batch_norm import _BatchNorm
+from normcore.batch_norm import _BatchNorm, check_training_eps
 from normcore.channel_norm import ChannelNorm
 from normcore.registry import register_norm
 from normcore.validation import as_float_array, check_grad_output
 
 __all__ = ["SyncBatchNorm"]
 
-MPI_HINT = 'SyncBatchNorm needs mpi4py and an MPI library: pip install "normcore[mpi]"'
+MPI_HINT = ('SyncBatchNorm needs mpi4py and an MPI library: pip install mpi4py mpich '
+            '(the "mpi" extra of normcore-nn)')
 
 
 def _mpi():
@@ -111,11 +115,14 @@ class SyncBatchNorm(_BatchNorm):
         if not self.training:
             return super().forward(x)  # eval: local, as BatchNorm
         C = self.num_features
-        error, x = self._checked(x)
         local = np.zeros(2 + 2 * C)
-        if error is None:
-            local[0] = 1.0
+        error = None
+        try:  # anything this rank raises is sent as a refusal: the other ranks must not wait
+            x = self._checked(x)
             local[1], local[2:2 + C], local[2 + C:] = self._local_moments(x)
+            local[0] = 1.0
+        except Exception as exc:  # noqa: BLE001 - re-raised after the collective
+            error = exc
         gathered = self._gather(local)
         self._raise_if_refused(gathered[:, 0], error)
         count, mean, m2 = merge_in_rank_order(gathered[:, 1], gathered[:, 2:2 + C], gathered[:, 2 + C:])
@@ -147,16 +154,14 @@ class SyncBatchNorm(_BatchNorm):
         return y
 
     def _checked(self, x):
-        """(None, x as a float array) or (the error this rank's input raises, x or None)."""
-        try:
-            x = as_float_array(x)
-            self._check_input_dim(x)
-            if x.shape[1] != self.num_features:
-                raise ValueError(f"expected input with {self.num_features} channels (num_features) at dim 1, "
-                                 f"got {x.shape[1]} channels in input of shape {x.shape}")
-        except (TypeError, ValueError) as exc:
-            return exc, None
-        return None, x
+        """x as a float array, checked as BatchNorm checks a training input (raises otherwise)."""
+        x = as_float_array(x)
+        self._check_input_dim(x)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected input with {self.num_features} channels (num_features) at dim 1, "
+                             f"got {x.shape[1]} channels in input of shape {x.shape}")
+        check_training_eps(self.eps)
+        return x
 
     @staticmethod
     def _local_moments(x):
@@ -193,18 +198,17 @@ class SyncBatchNorm(_BatchNorm):
             self.grads = {"weight": np.zeros(C, self.dtype), "bias": np.zeros(C, self.dtype)} if self.affine else {}
             return np.zeros(saved.shape, saved.dtype)
         error = None
-        try:
-            dy = check_grad_output(dy, saved.shape, saved.dtype)
-        except (TypeError, ValueError) as exc:
-            error = exc
         local = np.zeros(1 + 2 * C)
         x = saved.x
-        if error is None:
-            local[0] = 1.0
+        try:  # as in forward: any exception here is a refusal the other ranks hear of
+            dy = check_grad_output(dy, saved.shape, saved.dtype)
             if x.size:
                 s_dy, s_dyxc = toolkit.row_grad_sums(_rows_view(x), _rows_view(dy), saved.mean)
                 local[1:1 + C] = s_dy.sum(axis=0)
                 local[1 + C:] = s_dyxc.sum(axis=0)
+            local[0] = 1.0
+        except Exception as exc:  # noqa: BLE001 - re-raised after the collective
+            error = exc
         gathered = self._gather(local)
         self._raise_if_refused(gathered[:, 0], error)
         sum_dy = np.zeros(C)

@@ -69,21 +69,45 @@ for step in range(steps):
         close(f"step {step} {k}", getattr(sync, k), v)
         same_on_every_rank(f"step {step} {k}", getattr(sync, k))
 
-# A rank refusing its input: every rank raises, and none changes its state.
-before = {k: v.copy() for k, v in sync.state_dict().items()}
-bad = x[lo:hi, :C - 1] if rank == P - 1 else x[lo:hi]
-try:
-    sync(bad)
-    failures.append("a refused input on the last rank raised nothing here")
-except ValueError as exc:
-    if rank != P - 1:
-        failures.append(f"rank {rank} raised ValueError for another rank's input: {exc}")
-except RuntimeError as exc:
-    if rank == P - 1 or "refused their input" not in str(exc):
-        failures.append(f"unexpected RuntimeError: {exc}")
-for k, v in sync.state_dict().items():
-    if not np.array_equal(v, before[k]):
-        failures.append(f"{k} changed by a refused call")
+# A rank refusing its input: every rank raises, and none changes its state, whatever the refusing
+# rank raises (not only TypeError / ValueError: issue 12, item 1), in forward and in backward.
+class Hostile:
+    """An input that raises when viewed as an array (as a torch tensor that requires grad does)."""
+
+    def __array__(self, dtype=None, copy=None):
+        raise RuntimeError("this object cannot be viewed as an array")
+
+
+def refused_everywhere(label, call, own_error):
+    before = {k: v.copy() for k, v in sync.state_dict().items()}
+    saved, grads = sync._saved, sync.grads
+    try:
+        call()
+        failures.append(f"{label}: a refused input on the last rank raised nothing here")
+    except Exception as exc:  # noqa: BLE001 - which one is checked below
+        if rank == P - 1:
+            if not isinstance(exc, own_error) or "refused their input" in str(exc):
+                failures.append(f"{label}: the refusing rank raised {type(exc).__name__}: {exc}")
+        elif not (type(exc) is RuntimeError and "refused their input" in str(exc)):
+            failures.append(f"{label}: rank {rank} raised {type(exc).__name__}: {exc}")
+    for k, v in sync.state_dict().items():
+        if not np.array_equal(v, before[k]):
+            failures.append(f"{label}: {k} changed by a refused call")
+    if sync._saved is not saved or sync.grads is not grads:
+        failures.append(f"{label}: the cached forward or the grads changed")
+
+
+last = rank == P - 1
+refused_everywhere("forward, wrong channels", lambda: sync(x[lo:hi, :C - 1] if last else x[lo:hi]), ValueError)
+refused_everywhere("forward, RuntimeError", lambda: sync(Hostile() if last else x[lo:hi]), RuntimeError)
+refused_everywhere("forward, int dtype", lambda: sync(np.ones((2, C) + spatial, np.int32) if last else x[lo:hi]),
+                   TypeError)
+refused_everywhere("backward, RuntimeError", lambda: sync.backward(Hostile() if last else dy[lo:hi]), RuntimeError)
+refused_everywhere("backward, wrong shape", lambda: sync.backward(dy[lo:hi, :C - 1] if last else dy[lo:hi]),
+                   ValueError)
+# After the refusals the last good forward still gives its backward.
+dx = sync.backward(dy[lo:hi])
+close("backward after refusals", dx, ref.backward(dy)[lo:hi])
 # The modules still agree after the refusal.
 y = sync(x[lo:hi])
 close("after a refusal y", y, ref(x)[lo:hi])

@@ -31,7 +31,57 @@ def test_missing_mpi4py_names_the_extra():
             "try:\n    nc.SyncBatchNorm(3)\nexcept ImportError as e:\n    print(e)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    assert 'pip install "normcore[mpi]"' in done.stdout
+    assert "pip install mpi4py mpich" in done.stdout
+
+
+def find_mpiexec():
+    """The MPI launcher: $NORMCORE_TEST_MPIEXEC, else the one next to this interpreter (a venv's
+    own, installed with its mpi4py, e.g. by MPICH's wheel; often not on PATH), else PATH's."""
+    chosen = os.environ.get("NORMCORE_TEST_MPIEXEC")
+    if chosen:
+        return chosen
+    for folder in dict.fromkeys([Path(sys.executable).parent, Path(sys.prefix) / "bin"]):
+        for name in ("mpiexec", "mpirun"):
+            candidate = folder / name
+            if candidate.is_file() and os.access(candidate, os.X_OK):
+                return str(candidate)
+    return shutil.which("mpiexec") or shutil.which("mpirun")
+
+
+def oversubscribe_options(version_text):
+    """What a launcher needs to start more ranks than there are cores: Open MPI refuses ("There
+    are not enough slots available") without --oversubscribe; MPICH needs nothing."""
+    if "Open MPI" in version_text or "OpenRTE" in version_text or "PRRTE" in version_text:
+        return ["--oversubscribe"]
+    return []
+
+
+def launch_command(mpiexec, ranks):
+    done = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=60, check=False)
+    return [mpiexec, *oversubscribe_options(done.stdout + done.stderr), "-n", str(ranks)]
+
+
+@pytest.mark.parametrize("text, options", [
+    ("mpiexec (OpenRTE) 4.1.4\n\nReport bugs to http://www.open-mpi.org/community/help/", ["--oversubscribe"]),
+    ("mpirun (Open MPI) 5.0.6", ["--oversubscribe"]),
+    ("prterun (PMIx Reference RunTime Environment) 3.0.5 PRRTE", ["--oversubscribe"]),
+    ("HYDRA build details:\n    Version:                                 5.0.2", []),
+])
+def test_oversubscribe_options_per_mpi(text, options):
+    assert oversubscribe_options(text) == options
+
+
+def test_the_mpiexec_next_to_the_interpreter_is_found(tmp_path, monkeypatch):
+    """A venv's bin/mpiexec is used even when bin/ is not on PATH (issue 12, item 21)."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    launcher = fake_bin / "mpiexec"
+    launcher.write_text("#!/bin/sh\n")
+    launcher.chmod(0o755)
+    monkeypatch.delenv("NORMCORE_TEST_MPIEXEC", raising=False)
+    monkeypatch.setattr(sys, "executable", str(fake_bin / "python"))
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert find_mpiexec() == str(launcher)
 
 
 MPI = pytest.importorskip("mpi4py.MPI")
@@ -127,8 +177,8 @@ def test_empty_batch_on_every_rank_is_batch_norm_s_empty_batch():
     assert m(x).shape == (0, 3, 2, 2)
 
 
-MPIEXEC = shutil.which("mpiexec") or shutil.which("mpirun")
-needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH")
+MPIEXEC = find_mpiexec()
+needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec next to the interpreter or on PATH")
 
 RUNS = [
     # (ranks, per-rank batch sizes, dtype, spatial dims, momentum, affine)
@@ -148,8 +198,9 @@ def test_ranks_equal_one_batch_norm_on_the_whole_batch(ranks, sizes, dtype, spat
     cfg = dict(sizes=sizes, dtype=dtype, C=4, spatial=spatial, steps=3, seed=ranks * 10 + len(spatial),
                momentum=momentum, affine=affine, offset=20.0 if dtype == "float64" else 3.0)
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    done = subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, str(HERE / "mpi_sync_worker.py"),
-                           json.dumps(cfg)], capture_output=True, text=True, env=env, timeout=300, check=False)
+    # A hang (a rank waiting in a collective for one that raised) fails here rather than stalling.
+    done = subprocess.run([*launch_command(MPIEXEC, ranks), sys.executable, str(HERE / "mpi_sync_worker.py"),
+                           json.dumps(cfg)], capture_output=True, text=True, env=env, timeout=180, check=False)
     # The ranks print at once: their lines may run together.
     ok = sorted(int(r) for r in re.findall(r"rank (\d+) OK", done.stdout))
     assert done.returncode == 0 and ok == list(range(ranks)) and "FAILED" not in done.stdout, \

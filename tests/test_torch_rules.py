@@ -1,0 +1,111 @@
+"""Where PyTorch refuses an input or a call and normcore must too (and the reverse), with
+PyTorch's exception types and words (issue 12, items 10 to 17). Each rule is asserted on its own
+and, where torch is installed, side by side with torch 2.13."""
+import numpy as np
+import pytest
+
+import normcore as nc
+from optional_peers import needs_torch, torch
+
+F = nc.functional
+
+
+def state_of(m):
+    return {k: v.copy() for k, v in m.state_dict().items()}
+
+
+def assert_state_equal(m, before):
+    after = m.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+
+
+# -- item 10: eps = 0 -----------------------------------------------------------------------------
+EPS_WORDS = r"batch_norm eps must be positive during training, but got 0"
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nc.BatchNorm1d(3, eps=0), (4, 3)),
+    (lambda: nc.BatchNorm2d(3, eps=0.0), (2, 3, 2, 2)),
+    (lambda: nc.BatchNorm3d(3, eps=0), (2, 3, 1, 2, 2)),
+    (lambda: nc.BatchNorm2d(3, eps=0, track_running_stats=False).eval(), (2, 3, 2, 2)),  # batch stats in eval
+    (lambda: nc.BatchNorm2d(3, eps=0), (0, 3, 2, 2)),  # also an empty batch, as torch
+])
+def test_batch_norm_with_batch_statistics_refuses_eps_0(make, shape):
+    m = make()
+    before, saved = state_of(m), m._saved
+    with pytest.raises(ValueError, match=EPS_WORDS):
+        m(np.random.default_rng(0).normal(size=shape))
+    assert_state_equal(m, before)
+    assert m._saved is saved
+
+
+def test_batch_norm_eps_0_is_fine_in_eval_with_running_statistics():
+    m = nc.BatchNorm2d(3, eps=0).eval()
+    x = np.random.default_rng(0).normal(size=(2, 3, 2, 2))
+    np.testing.assert_allclose(m(x), x, rtol=1e-6)  # running var 1, mean 0
+
+
+def test_functional_batch_norm_refuses_eps_0_in_training():
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.raises(ValueError, match=EPS_WORDS):
+        F.batch_norm(x, rm, rv, training=True, eps=0.0)
+    assert not rm.any() and (rv == 1).all()
+    F.batch_norm(x, rm, rv, training=False, eps=0.0)  # eval: allowed, as torch
+
+
+@needs_torch
+def test_eps_0_refusals_are_torch_s():
+    x = torch.randn(4, 3)
+    for call in (lambda: torch.nn.BatchNorm1d(3, eps=0)(x),
+                 lambda: torch.nn.functional.batch_norm(x, torch.zeros(3), torch.ones(3), training=True, eps=0.0)):
+        with pytest.raises(ValueError, match=EPS_WORDS):
+            call()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_instance_norm_eps_0_constant_instance_gives_bias_and_zero_gradients(dtype, layout):
+    """torch's InvStd: 1/sqrt(var + eps) is 0 where var + eps is 0, so a constant instance with
+    eps = 0 gives bias (not NaN) and zero gradients; the other instances are unchanged."""
+    x = np.ones((2, 2, 2, 3), dtype)
+    x[1, 1] = np.arange(6, dtype=dtype).reshape(2, 3)
+    if layout == "channels_last":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    m = nc.InstanceNorm2d(2, eps=0, affine=True, dtype=dtype)
+    m.bias[...] = [0.5, -1.0]
+    m.weight[...] = [2.0, 3.0]
+    y = m(x)
+    dy = np.random.default_rng(1).normal(size=x.shape).astype(dtype)
+    dx = m.backward(dy)
+    assert (y[0, 0] == 0.5).all() and (y[0, 1] == -1.0).all() and (y[1, 0] == 0.5).all()
+    assert (dx[:1] == 0).all() and (dx[1, 0] == 0).all()
+    v = x[1, 1].astype(np.float64)
+    np.testing.assert_allclose(y[1, 1], 3.0 * (v - v.mean()) / v.std() - 1.0, rtol=1e-5)
+    assert np.isfinite(dx).all() and np.abs(dx[1, 1]).max() > 0
+    assert np.isfinite(m.grads["weight"]).all()
+    fn = F.instance_norm(x, weight=m.weight, bias=m.bias, eps=0.0)
+    np.testing.assert_array_equal(fn, y)
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_instance_norm_eps_0_as_torch(dtype):
+    x = np.ones((2, 2, 4), dtype)
+    x[1, 1] = np.arange(4)
+    dy = np.random.default_rng(0).normal(size=x.shape).astype(dtype)
+    m = nc.InstanceNorm1d(2, eps=0, affine=True, dtype=dtype)
+    t = torch.nn.InstanceNorm1d(2, eps=0, affine=True, dtype=getattr(torch, np.dtype(dtype).name))
+    with torch.no_grad():
+        t.bias[...] = torch.tensor([0.5, -1.0])
+    m.bias[...] = [0.5, -1.0]
+    xt = torch.tensor(x, requires_grad=True)
+    yt = t(xt)
+    yt.backward(torch.from_numpy(dy))
+    y, dx = m(x), m.backward(dy)
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(y, yt.detach().numpy(), atol=tol)
+    np.testing.assert_allclose(dx, xt.grad.numpy(), atol=tol)
+    np.testing.assert_allclose(m.grads["weight"], t.weight.grad.numpy(), atol=tol)
