@@ -5,6 +5,7 @@ import numpy as np
 
 from normcore import grouped
 from normcore.channel_norm import ChannelNorm, ForwardRecord, updated_running
+from normcore.module import write_arrays
 from normcore.registry import register_norm
 from normcore.threads import get_num_threads
 from normcore.validation import as_float_array
@@ -89,10 +90,10 @@ class _BatchNorm(ChannelNorm):
             x, self.running_mean, self.running_var, self.weight, self.bias, batch_stats, factor, self.eps)
         # Every check has passed and the result exists: commit the state.
         if counting:
-            self.num_batches_tracked[...] = count
+            updates = [("num_batches_tracked", self.num_batches_tracked, count)]
             if new is not None:
-                self.running_mean[...] = new[0]
-                self.running_var[...] = new[1]
+                updates += [("running_mean", self.running_mean, new[0]), ("running_var", self.running_var, new[1])]
+            write_arrays(updates)
         self._saved = record
         return y
 

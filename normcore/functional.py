@@ -10,6 +10,7 @@ from normcore.group_norm import check_group_input, group_norm_forward
 from normcore.instance_norm import check_spatial_size, instance_norm_forward
 from normcore.layer_norm import check_layer_input, layer_norm_forward, normalize_shape
 from normcore.local_response_norm import check_lrn_args, check_lrn_input, local_response_norm_forward
+from normcore.module import write_arrays
 from normcore.validation import as_float_array, check_eps, check_momentum, check_positive_int, check_vector
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "local_response_norm"]
@@ -37,10 +38,7 @@ def _channel_input(input, min_ndim):
 
 def _commit(running_mean, running_var, new):
     if new is not None:
-        if not (running_mean.flags.writeable and running_var.flags.writeable):
-            raise ValueError("running_mean and running_var must be writeable to be updated")
-        running_mean[...] = new[0]
-        running_var[...] = new[1]
+        write_arrays([("running_mean", running_mean, new[0]), ("running_var", running_var, new[1])])
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,

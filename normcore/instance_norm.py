@@ -6,6 +6,7 @@ import numpy as np
 
 from normcore import grouped
 from normcore.channel_norm import ChannelNorm, ForwardRecord, updated_running
+from normcore.module import write_arrays
 from normcore.registry import register_norm
 from normcore.threads import get_num_threads
 from normcore.validation import as_float_array
@@ -101,8 +102,7 @@ class _InstanceNorm(ChannelNorm):
         y, record, new = instance_norm_forward(
             xb, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats, momentum, self.eps)
         if new is not None:
-            self.running_mean[...] = new[0]
-            self.running_var[...] = new[1]
+            write_arrays([("running_mean", self.running_mean, new[0]), ("running_var", self.running_var, new[1])])
         record.out_shape = x.shape
         self._saved = record
         return y.reshape(x.shape)

@@ -16,15 +16,47 @@ while other threads use the same layer, hold ``m.lock`` around both (``with m.lo
 """
 import functools
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Module"]
+__all__ = ["Module", "IncompatibleKeys", "write_arrays"]
 
 # The methods that touch a layer's state; each runs holding the layer's lock.
 _LOCKED_METHODS = ("forward", "backward", "train", "load_state_dict", "state_dict",
                    "reset_parameters", "reset_running_stats")
 _lock_creation = threading.Lock()
+
+
+class IncompatibleKeys(NamedTuple):
+    """What ``load_state_dict`` returns, as torch's ``_IncompatibleKeys``."""
+
+    missing_keys: list
+    unexpected_keys: list
+
+
+def write_arrays(updates):
+    """Write each ``(name, destination, value)`` into its destination array, all or none.
+
+    Every destination is checked (writeable, the value broadcastable to its shape) and every
+    value is cast to the destination's dtype before the first write: a refusal, or a warning
+    turned into an error (a cast that overflows under ``warnings.simplefilter("error")``), leaves
+    every destination as it was.
+    """
+    staged = []
+    for name, destination, value in updates:
+        if not destination.flags.writeable:
+            raise ValueError(f"{name} is read-only and cannot be updated in place "
+                             f"(make it writeable with {name}.setflags(write=True))")
+        value = np.asarray(value)
+        try:
+            value = np.broadcast_to(value, destination.shape)
+        except ValueError:
+            raise ValueError(f"{name} has shape {destination.shape}, which a value of shape "
+                             f"{value.shape} cannot be written into") from None
+        staged.append((destination, value.astype(destination.dtype)))
+    for destination, value in staged:
+        destination[...] = value
 
 
 def _holding_lock(method):
@@ -69,9 +101,13 @@ class Module:
         return lock
 
     def __getstate__(self):
-        # A lock can be neither pickled nor deep-copied: a copy gets a lock of its own.
+        # A lock can be neither pickled nor deep-copied: a copy gets a lock of its own. The last
+        # forward (a view of its input, as large as the batch) is not part of the layer's state:
+        # a copy starts with none, as after construction.
         state = self.__dict__.copy()
         state.pop("_lock", None)
+        if "_saved" in state:
+            state["_saved"] = None
         return state
 
     def __setstate__(self, state):
@@ -111,17 +147,25 @@ class Module:
         """name -> a copy of every parameter and buffer, with PyTorch's keys and shapes."""
         return {n: np.array(getattr(self, n), copy=True) for n in self._state_names()}
 
-    def load_state_dict(self, state_dict):
-        """Load parameters and buffers saved by ``state_dict`` (normcore's or PyTorch's,
-        as NumPy arrays). Every entry is checked before any is written: a state dict with
-        missing or unexpected keys (KeyError), wrong shapes (ValueError) or non-numeric values
-        (TypeError) leaves the module untouched."""
+    def load_state_dict(self, state_dict, strict=True):
+        """Load parameters and buffers saved by ``state_dict`` (normcore's or PyTorch's, as NumPy
+        arrays or tensors) into the existing arrays.
+
+        With ``strict=True`` the keys must match exactly (KeyError naming the missing and the
+        unexpected ones); with ``strict=False`` the entries whose key matches are loaded and the
+        others are reported. Every entry loaded is checked before any is written: wrong shapes
+        (ValueError), non-numeric values (TypeError), a read-only destination (ValueError) or a
+        cast that fails leave the module untouched. Returns ``IncompatibleKeys(missing_keys,
+        unexpected_keys)``, as torch.
+        """
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
+        if not isinstance(strict, (bool, np.bool_)):
+            raise TypeError(f"strict must be a bool, got {type(strict).__name__}")
         expected = self._state_names()
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict.keys() if k not in expected]
-        if missing or unexpected:
+        if strict and (missing or unexpected):
             parts = []
             if missing:
                 parts.append(f"missing key(s) {missing}")
@@ -131,8 +175,10 @@ class Module:
                 f"Error loading state_dict into {type(self).__name__}: {'; '.join(parts)} "
                 f"(expected exactly {expected})"
             )
-        staged = {}
+        updates = []
         for name in expected:
+            if name not in state_dict:
+                continue
             current = getattr(self, name)
             value = state_dict[name]
             if hasattr(value, "detach") and hasattr(value, "numpy"):  # a torch tensor
@@ -152,9 +198,9 @@ class Module:
                     f"size mismatch for {name}: got shape {value.shape} from the state dict, "
                     f"the module has shape {current.shape}"
                 )
-            staged[name] = value
-        for name, value in staged.items():
-            np.copyto(getattr(self, name), value, casting="unsafe")
+            updates.append((name, current, value))
+        write_arrays(updates)
+        return IncompatibleKeys(missing, unexpected)
 
     # -- helpers for subclasses ----------------------------------------------------------------
     def _require_forward(self):

@@ -29,6 +29,7 @@ import numpy as np
 from normcore import toolkit
 from normcore.batch_norm import _BatchNorm, check_training_eps
 from normcore.channel_norm import ChannelNorm
+from normcore.module import write_arrays
 from normcore.registry import register_norm
 from normcore.validation import as_float_array, check_grad_output
 
@@ -130,7 +131,7 @@ class SyncBatchNorm(_BatchNorm):
             # An empty batch on every rank: as BatchNorm, an empty output, the counter counts it,
             # the running statistics stay; backward gives zeros.
             if self.track_running_stats:
-                self.num_batches_tracked[...] = int(self.num_batches_tracked) + 1
+                write_arrays([("num_batches_tracked", self.num_batches_tracked, int(self.num_batches_tracked) + 1)])
             self._saved = SyncRecord(x, x.shape, x.dtype, None, None, 0.0)
             return np.empty_like(x)
         if count == 1:
@@ -146,10 +147,12 @@ class SyncBatchNorm(_BatchNorm):
         if self.track_running_stats:
             count_steps = int(self.num_batches_tracked) + 1
             factor = 1.0 / count_steps if self.momentum is None else self.momentum
-            self.num_batches_tracked[...] = count_steps
             unbiased = m2 / (count - 1)
-            self.running_mean[...] = (1.0 - factor) * self.running_mean.astype(np.float64) + factor * mean
-            self.running_var[...] = (1.0 - factor) * self.running_var.astype(np.float64) + factor * unbiased
+            write_arrays([
+                ("num_batches_tracked", self.num_batches_tracked, count_steps),
+                ("running_mean", self.running_mean, (1.0 - factor) * self.running_mean.astype(np.float64) + factor * mean),
+                ("running_var", self.running_var, (1.0 - factor) * self.running_var.astype(np.float64) + factor * unbiased),
+            ])
         self._saved = SyncRecord(x, x.shape, x.dtype, mean, rstd, count)
         return y
 
@@ -161,6 +164,11 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"expected input with {self.num_features} channels (num_features) at dim 1, "
                              f"got {x.shape[1]} channels in input of shape {x.shape}")
         check_training_eps(self.eps)
+        for name in self._buffer_names:  # checked before the collective: every rank commits, or none
+            buffer = getattr(self, name)
+            if buffer is not None and not buffer.flags.writeable:
+                raise ValueError(f"{name} is read-only and cannot be updated in place "
+                                 f"(make it writeable with {name}.setflags(write=True))")
         return x
 
     @staticmethod

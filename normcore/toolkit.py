@@ -16,6 +16,8 @@ arrays of shape (N, C) (one per row), (C,) (one per channel) or scalars.
 
 Input checks the built-ins use: as_float_array(x) (float32/float64 or TypeError) and
 check_grad_output(dy, shape, dtype) (dy of backward: the forward input's shape, cast to its dtype);
+write_arrays([(name, array, value), ...]) writes a layer's new state all or none (every
+destination checked and every value cast before the first write);
 constructor checks with the built-ins' exception types and words: check_positive_int(value, name),
 check_eps(eps), check_finite_real(value, name), check_bool(value, name), check_dtype_arg(dtype).
 """
@@ -27,6 +29,7 @@ from normcore._kernels.apply_rows import apply_rows as _apply_rows
 from normcore._kernels.apply_rows import apply_rows_backward as _apply_rows_backward
 from normcore._kernels.grad_sums import row_grad_sums as _row_grad_sums
 from normcore._kernels.moments import row_moments as _row_moments
+from normcore.module import write_arrays
 from normcore.threads import get_num_threads
 from normcore.validation import (
     as_float_array,
@@ -39,7 +42,7 @@ from normcore.validation import (
 )
 
 __all__ = ["as_float_array", "check_grad_output", "check_positive_int", "check_eps", "check_finite_real",
-           "check_bool", "check_dtype_arg", "as_rows", "row_moments", "row_grad_sums", "apply_rows",
+           "check_bool", "check_dtype_arg", "write_arrays", "as_rows", "row_moments", "row_grad_sums", "apply_rows",
            "apply_rows_backward"]
 
 

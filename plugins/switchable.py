@@ -85,7 +85,7 @@ class _SwitchableNorm(nc.Module):
                 f"using_moving_average={self.using_moving_average}, using_bn={self.using_bn}, "
                 f"last_gamma={self.last_gamma})")
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict, strict=True):
         """Also accepts the released code's shapes: (1, C, 1, 1), (1, C, 1), (1, C) for C values."""
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
@@ -104,7 +104,7 @@ class _SwitchableNorm(nc.Module):
                     and arr.ndim >= 1 and sum(d != 1 for d in arr.shape) <= 1:
                 arr = arr.reshape(current.shape)
             fixed[key] = arr
-        super().load_state_dict(fixed)
+        return super().load_state_dict(fixed, strict)
 
     # -- statistics --------------------------------------------------------------------------
     def _updated_running(self, mean_bn, var_bn):
@@ -128,8 +128,8 @@ class _SwitchableNorm(nc.Module):
 
     def _commit_running(self, new_running):
         if new_running is not None:
-            self.running_mean[...] = new_running[0]
-            self.running_var[...] = new_running[1]
+            toolkit.write_arrays([("running_mean", self.running_mean, new_running[0]),
+                                  ("running_var", self.running_var, new_running[1])])
 
     def _saved_forward(self, dy):
         """(saved forward, x, dy checked against x) for backward."""

@@ -109,3 +109,67 @@ def test_instance_norm_eps_0_as_torch(dtype):
     np.testing.assert_allclose(y, yt.detach().numpy(), atol=tol)
     np.testing.assert_allclose(dx, xt.grad.numpy(), atol=tol)
     np.testing.assert_allclose(m.grads["weight"], t.weight.grad.numpy(), atol=tol)
+
+
+# -- item 15: load_state_dict(strict=...) -----------------------------------------------------------
+def test_load_state_dict_strict_false_loads_what_matches_and_reports_the_rest():
+    m = nc.BatchNorm2d(3)
+    sd = {k: v + 1 for k, v in m.state_dict().items()}
+    del sd["running_var"]
+    sd["extra"] = np.ones(2)
+    before_var = m.running_var.copy()
+    result = m.load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["running_var"] and result.unexpected_keys == ["extra"]
+    assert tuple(result) == (["running_var"], ["extra"])
+    assert (m.weight == 2).all() and (m.running_mean == 1).all() and int(m.num_batches_tracked) == 1
+    np.testing.assert_array_equal(m.running_var, before_var)
+    with pytest.raises(KeyError, match="missing key"):
+        m.load_state_dict(sd, strict=True)
+    assert m.load_state_dict(m.state_dict()) == ([], [])
+    with pytest.raises(TypeError, match="strict must be a bool"):
+        m.load_state_dict(m.state_dict(), strict="no")
+
+
+def test_load_state_dict_strict_false_still_checks_every_entry_first():
+    m = nc.BatchNorm1d(3)
+    sd = {"weight": np.full(3, 5.0), "bias": np.ones(4)}  # bias has the wrong shape
+    with pytest.raises(ValueError, match="size mismatch for bias"):
+        m.load_state_dict(sd, strict=False)
+    assert (m.weight == 1).all()
+
+
+@needs_torch
+def test_load_state_dict_returns_what_torch_returns():
+    t = torch.nn.BatchNorm1d(3)
+    m = nc.BatchNorm1d(3)
+    sd = {k: v for k, v in t.state_dict().items() if k != "bias"}
+    sd["extra"] = torch.ones(2)
+    assert tuple(m.load_state_dict(sd, strict=False)) == tuple(t.load_state_dict(sd, strict=False))
+
+
+# -- item 17: a copy does not carry the last forward --------------------------------------------------
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nc.BatchNorm2d(4), (8, 4, 16, 16)),
+    (lambda: nc.LayerNorm(16), (8, 4, 16, 16)),
+    (lambda: nc.GroupNorm(2, 4), (8, 4, 16, 16)),
+    (lambda: nc.LocalResponseNorm(3), (8, 4, 16, 16)),
+])
+def test_pickle_and_deepcopy_leave_the_last_forward_out(make, shape):
+    import copy
+    import pickle
+
+    m = make()
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    m(x)
+    empty = pickle.dumps(make())
+    blob = pickle.dumps(m)
+    assert len(blob) < len(empty) + 4096 < x.nbytes  # no copy of x inside
+    for twin in (pickle.loads(blob), copy.deepcopy(m)):
+        with pytest.raises(RuntimeError, match="backward called before any forward"):
+            twin.backward(np.ones_like(x))
+        for k, v in m.state_dict().items():
+            np.testing.assert_array_equal(twin.state_dict()[k], v)
+    m.backward(np.ones_like(x))  # the original keeps its forward
+    m.eval()
+    twin = copy.deepcopy(m)
+    np.testing.assert_array_equal(twin(x), m(x))
