@@ -118,9 +118,12 @@ def channels_last_like(a3, shape):
 
 
 def _f64(v, C, fill):
+    """A per-channel parameter as a float64 copy, C-contiguous for the kernels: a copy also when
+    v is float64 already, so the backward differentiates the forward with the parameters as
+    they were then, even if they are changed in place in between (and any 1-D view works)."""
     if v is None:
         return np.full(C, fill)
-    return np.asarray(v, dtype=np.float64)
+    return np.array(v, dtype=np.float64, order="C")
 
 
 def _given_stats(mean, var, eps):

@@ -71,11 +71,12 @@ def _rows_view(a):
 class SyncRecord:
     """What a synchronised training forward keeps for backward."""
 
-    __slots__ = ("x", "shape", "dtype", "mean", "rstd", "count")
+    __slots__ = ("x", "shape", "dtype", "mean", "rstd", "count", "weight")
 
-    def __init__(self, x, shape, dtype, mean, rstd, count):
+    def __init__(self, x, shape, dtype, mean, rstd, count, weight=None):
         self.x, self.shape, self.dtype = x, shape, dtype
         self.mean, self.rstd, self.count = mean, rstd, count
+        self.weight = weight  # a float64 copy made at forward (backward differentiates that forward)
 
 
 @register_norm("sync_batch_norm")
@@ -139,7 +140,7 @@ class SyncBatchNorm(_BatchNorm):
                              f"per channel over the {len(gathered)} ranks (input size {x.shape} here)")
         var = m2 / count
         rstd = 1.0 / np.sqrt(var + self.eps)
-        weight = 1.0 if self.weight is None else self.weight.astype(np.float64)
+        weight = np.ones(C) if self.weight is None else self.weight.astype(np.float64)
         bias = 0.0 if self.bias is None else self.bias.astype(np.float64)
         y = toolkit.apply_rows(_rows_view(x), mean, rstd * weight, bias).reshape(x.shape) if x.size \
             else np.empty_like(x)
@@ -153,7 +154,7 @@ class SyncBatchNorm(_BatchNorm):
                 ("running_mean", self.running_mean, (1.0 - factor) * self.running_mean.astype(np.float64) + factor * mean),
                 ("running_var", self.running_var, (1.0 - factor) * self.running_var.astype(np.float64) + factor * unbiased),
             ])
-        self._saved = SyncRecord(x, x.shape, x.dtype, mean, rstd, count)
+        self._saved = SyncRecord(x, x.shape, x.dtype, mean, rstd, count, weight)
         return y
 
     def _checked(self, x):
@@ -225,7 +226,7 @@ class SyncBatchNorm(_BatchNorm):
             sum_dy += row[1:1 + C]
             sum_dyxc += row[1 + C:]
         rstd, M = saved.rstd, saved.count
-        weight = np.ones(C) if self.weight is None else self.weight.astype(np.float64)
+        weight = saved.weight
         # dx = w * rstd * (dy - mean(dy) - xhat * mean(dy * xhat)), the means over the global batch.
         a = weight * rstd
         b = -weight * rstd ** 3 * sum_dyxc / M

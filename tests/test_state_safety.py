@@ -100,3 +100,57 @@ def test_load_state_dict_with_a_value_that_warns_writes_nothing():
     assert_state(m, before)
     m.load_state_dict({**sd, "running_var": np.array([2.0, 1.0])})  # the same without the overflow
     assert m.weight[0] == 2.0 and m.running_var[0] == 2.0
+
+
+# -- backward differentiates the forward that ran (issue 12, item 9) ----------------------------------
+def _sync_batch_norm(dtype):
+    MPI = pytest.importorskip("mpi4py.MPI")
+    return nc.SyncBatchNorm(3, comm=MPI.COMM_SELF, dtype=dtype)
+
+
+WITH_PARAMETERS = {
+    "bn2d": (lambda dt: nc.BatchNorm2d(3, dtype=dt), (2, 3, 3, 3), True),
+    "bn2d-eval": (lambda dt: nc.BatchNorm2d(3, dtype=dt), (2, 3, 3, 3), False),
+    "bn2d-channels-last": (lambda dt: nc.BatchNorm2d(3, dtype=dt), (2, 3, 3, 3), "cl"),
+    "in2d": (lambda dt: nc.InstanceNorm2d(3, affine=True, dtype=dt), (2, 3, 3, 3), True),
+    "gn": (lambda dt: nc.GroupNorm(3, 3, dtype=dt), (2, 3, 5), True),
+    "gn-channels-last": (lambda dt: nc.GroupNorm(1, 3, dtype=dt), (2, 3, 2, 2), "cl"),
+    "ln": (lambda dt: nc.LayerNorm((3, 4), dtype=dt), (2, 3, 4), True),
+    "sn2d": (lambda dt: SN.SwitchableNorm2d(3, dtype=dt), (2, 3, 3, 3), True),
+    "sync": (_sync_batch_norm, (4, 3, 2), True),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", WITH_PARAMETERS)
+def test_backward_uses_the_parameters_as_they_were_at_forward(name, dtype):
+    """Changing a parameter in place between forward and backward (an optimizer step in
+    between, say) changes neither dx nor the gradients: one rule for every layer and dtype."""
+    make, shape, mode = WITH_PARAMETERS[name]
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=shape).astype(dtype)
+    if mode == "cl":
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1)).transpose(0, x.ndim - 1, *range(1, x.ndim - 1))
+    dy = rng.normal(size=shape).astype(dtype)
+    results = []
+    for change in (False, True):
+        m = make(dtype)
+        for k, p in m.parameters().items():
+            p[...] = rng.uniform(0.5, 1.5, p.shape)
+        if mode is False:
+            m(x)
+            m.eval()
+        m(x)
+        if change:
+            for p in m.parameters().values():
+                p *= 3.0
+                p += 1.0
+        results.append((m.backward(dy), dict(m.grads)))
+        rng = np.random.default_rng(5)  # the same parameters for the second module
+        rng.normal(size=shape)
+        rng.normal(size=shape)
+    (dx0, g0), (dx1, g1) = results
+    np.testing.assert_array_equal(dx1, dx0)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        np.testing.assert_array_equal(g1[k], g0[k], err_msg=k)

@@ -173,3 +173,38 @@ def test_pickle_and_deepcopy_leave_the_last_forward_out(make, shape):
     m.eval()
     twin = copy.deepcopy(m)
     np.testing.assert_array_equal(twin(x), m(x))
+
+
+# -- item 6: any 1-D array torch accepts as a parameter or statistic ------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_functional_forms_take_strided_parameters_and_statistics(dtype):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 8, 3)).astype(dtype)
+    buf = rng.uniform(0.5, 1.5, 32).astype(dtype)
+    w, b, rm, rv = buf[::4], buf[1::4], buf[2::4], buf[3::4]  # strided views
+    cw, cb = w.copy(), b.copy()
+    for training in (False, True):
+        rm1, rv1 = buf.copy()[2::4], buf.copy()[3::4]
+        rm2, rv2 = rm.copy(), rv.copy()
+        y1 = F.batch_norm(x, rm1, rv1, w, b, training=training)
+        y2 = F.batch_norm(x, rm2, rv2, cw, cb, training=training)
+        np.testing.assert_array_equal(y1, y2)
+        np.testing.assert_array_equal(rm1, rm2)
+        np.testing.assert_array_equal(rv1, rv2)
+    np.testing.assert_array_equal(F.instance_norm(x, weight=w, bias=b), F.instance_norm(x, weight=cw, bias=cb))
+    rm1, rv1 = buf.copy()[2::4], buf.copy()[3::4]
+    F.instance_norm(x, rm1, rv1, use_input_stats=True)
+    np.testing.assert_array_equal(F.group_norm(x, 4, w, b), F.group_norm(x, 4, cw, cb))
+    wl = np.repeat(buf, 2)[::2][:3]
+    np.testing.assert_array_equal(F.layer_norm(x, (3,), wl[::-1], wl), F.layer_norm(x, (3,), wl[::-1].copy(), wl.copy()))
+    assert not rm.flags.c_contiguous  # the views really were strided
+
+
+def test_strided_parameters_of_a_module_work():
+    m = nc.BatchNorm1d(4, dtype=np.float64)
+    big = np.ones(8)
+    m.weight = big[::2]
+    x = np.random.default_rng(0).normal(size=(5, 4))
+    m(x)
+    m.backward(x)
+    np.testing.assert_allclose(m(x), nc.BatchNorm1d(4, dtype=np.float64)(x))
