@@ -75,9 +75,9 @@ def layer_norm_forward(x, shape, weight, bias, eps):
     w = None
     b = None
     if weight is not None or bias is not None:
-        # Copies (also of an x-dtype weight): the backward uses the weight of this forward.
+        # A copy of the weight (also of an x-dtype one): the backward uses the weight of this forward.
         w = np.ones(L, x.dtype) if weight is None else np.array(weight, dtype=x.dtype, order="C").reshape(L)
-        b = None if bias is None else np.array(bias, dtype=x.dtype, order="C").reshape(L)
+        b = None if bias is None else np.ascontiguousarray(bias, dtype=x.dtype).reshape(L)
     layer_forward(x2, y2, w, b, eps, mean, rstd, get_num_threads())
     return y2.reshape(x.shape), LayerSaved(x2, x.shape, x.dtype, mean, rstd, w)
 

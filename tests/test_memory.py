@@ -382,6 +382,8 @@ def peak_result(children, key):
 def check_peak(case, threads, r):
     kind, shape = PEAK_CASES[case]
     allowance = PEAK_SLACK + threads * PEAK_PER_THREAD + PEAK_PER_ROW * stat_rows(kind, shape)
+    if kind.startswith("ln"):
+        allowance += 4 * shape[-1]  # the copy of the float32 weight the forward keeps for its backward
     fwd_extra = r["forward"] - r["y"]
     assert r["forward"] <= r["y"] + allowance, (
         f"{case}, {threads} thread(s): forward grew the process by {r['forward'] / MiB:.2f} MiB for an output "
