@@ -259,8 +259,9 @@ def backward(dy, saved, n_threads):
         c = g.group_to_rows(-r * s1 / M)
         apply_backward(dy2, x2, dx2, center, a, b, c, g.period, n_threads)
     else:
-        # Given (running) statistics are constants: dx = gamma * rstd * dy, which reads neither x
-        # nor the mean (a NaN there must not reach dx): the kernel gets dy in place of x.
+        # Given (running) statistics are constants: dx = gamma * rstd * dy exactly, reading
+        # neither x nor the mean (a NaN there must not reach dx; an infinite dy stays infinite):
+        # b = c = 0 make the kernels compute a * dy alone; they get dy in place of x.
         zeros = np.zeros(g.period)
         apply_backward(dy2, dy2, dx2, zeros, a, zeros, zeros, g.period, n_threads)
     if layout_cl:

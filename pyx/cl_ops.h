@@ -99,12 +99,26 @@ NC_MULTIVERSION static void nc_cl_apply_##SFX(const T *x, T *y, ptrdiff_t nrows,
     }                                                                                           \
 }                                                                                               \
                                                                                                 \
-/* dx = a[c] * dy + (b[c] * (x - center[c]) + k[c]) over rows [nrows][C], in double. */          \
+/* dx = a[c] * dy + (b[c] * (x - center[c]) + k[c]) over rows [nrows][C], in double. With b and \
+ * k all 0 (constant statistics: eval) dx = a[c] * dy exactly, reading no x: an infinite dy     \
+ * stays infinite (0 * inf would make it NaN) and a NaN in x cannot reach dx. */                \
 NC_MULTIVERSION static void nc_cl_apply_bwd_##SFX(const T *dy, const T *x, T *dx, ptrdiff_t nrows, \
                                                   ptrdiff_t C, const double *center,            \
                                                   const double *a, const double *b,             \
                                                   const double *k)                              \
 {                                                                                               \
+    int scale_only = 1;                                                                         \
+    for (ptrdiff_t c = 0; c < C; c++)                                                           \
+        scale_only &= b[c] == 0.0 && k[c] == 0.0;                                               \
+    if (scale_only) {                                                                           \
+        for (ptrdiff_t r = 0; r < nrows; r++) {                                                 \
+            const T *gr = dy + r * C;                                                           \
+            T *dxr = dx + r * C;                                                                \
+            for (ptrdiff_t c = 0; c < C; c++)                                                   \
+                dxr[c] = (T)(a[c] * (double)gr[c]);                                             \
+        }                                                                                       \
+        return;                                                                                 \
+    }                                                                                           \
     for (ptrdiff_t r = 0; r < nrows; r++) {                                                     \
         const T *xr = x + r * C, *gr = dy + r * C;                                              \
         T *dxr = dx + r * C;                                                                    \

@@ -367,10 +367,17 @@ NC_INLINE void nc_apply_##SFX(const T *x, T *y, ptrdiff_t n, double center, doub
         y[i] = ((x[i] - hi) - lo) * s + b;                                                      \
 }                                                                                               \
                                                                                                 \
-/* dx = a * dy + (b * (x - center) + c), in double, rounded once. */                            \
+/* dx = a * dy + (b * (x - center) + c), in double, rounded once. With b = c = 0 (statistics  \
+ * that are constants: eval) dx = a * dy exactly, reading no x: an infinite dy stays infinite    \
+ * (0 * inf would make it NaN) and a NaN in x cannot reach dx. */                               \
 NC_INLINE void nc_apply_bwd_##SFX(const T *dy, const T *x, T *dx, ptrdiff_t n, double center,  \
                                   double a, double b, double c)                                 \
 {                                                                                               \
+    if (b == 0.0 && c == 0.0) {                                                                 \
+        for (ptrdiff_t i = 0; i < n; i++)                                                       \
+            dx[i] = (T)(a * (double)dy[i]);                                                     \
+        return;                                                                                 \
+    }                                                                                           \
     for (ptrdiff_t i = 0; i < n; i++)                                                           \
         dx[i] = (T)(a * (double)dy[i] + (b * ((double)x[i] - center) + c));                     \
 }                                                                                               \

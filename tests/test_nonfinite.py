@@ -646,3 +646,29 @@ def test_eval_with_negative_running_var_gives_nan_in_that_channel(bad, layout):
     assert np.isfinite(y[:, 0]).all() and np.isnan(y[:, 1]).all() and np.isfinite(y[:, 2]).all()
     expected = x[:, 2] / np.sqrt(np.float64(-1e-7) + m.eps)
     np.testing.assert_allclose(y[:, 2], expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("make", [lambda dt: nc.BatchNorm2d(3, dtype=dt),
+                                  lambda dt: nc.InstanceNorm2d(3, affine=True, track_running_stats=True, dtype=dt)],
+                         ids=["bn", "in"])
+def test_eval_backward_keeps_an_infinite_dy_infinite(make, layout, dtype):
+    """Eval: dx = weight * rstd * dy exactly, so +inf / -inf in dy stay +inf / -inf, as in torch
+    (issue 12, item 7: a*dy + 0*dy + 0 made them NaN); every other position is that product."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 3, 2, 2)).astype(dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    dy[0, 1, 0, 0], dy[1, 2, 1, 1] = np.inf, -np.inf
+    if layout == "channels_last":
+        x, dy = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2) for a in (x, dy))
+    m = make(dtype)
+    m.weight[...] = [0.5, 2.0, -1.5]
+    m.running_var[...] = [0.25, 4.0, 1.0]
+    m.eval()
+    m(x)
+    dx = m.backward(dy)
+    assert dx[0, 1, 0, 0] == np.inf and dx[1, 2, 1, 1] == np.inf  # weight[2] < 0
+    scale = m.weight.astype(np.float64) / np.sqrt(m.running_var.astype(np.float64) + m.eps)
+    expected = (scale.reshape(1, 3, 1, 1) * dy.astype(np.float64)).astype(dtype)
+    np.testing.assert_array_equal(dx, expected)
