@@ -55,6 +55,21 @@ cdef inline void merge_block_moments(const double* parts, Py_ssize_t nb, Py_ssiz
     m2[0] = q
 
 
+cdef inline void merge_equal_rows(const double* mean, const double* m2, Py_ssize_t stride, Py_ssize_t k,
+                                  double count, double* out_mean, double* out_m2) noexcept nogil:
+    """Merge k rows of `count` elements each, row j's (mean, M2) at mean[j * stride], m2[j * stride],
+    in row order with Chan's formula (OUT: out_mean, out_m2). Shifted by the running mean, it
+    neither overflows where the values do not (k rows of 1e308: mean 1e308, M2 0; a sum of the
+    row means would be inf) nor cancels; the combine step of every grouping, NCHW or
+    channels-last."""
+    cdef Py_ssize_t j
+    cdef double na = 0.0, mu = 0.0, q = 0.0
+    for j in range(k):
+        nc_merge_step(&na, &mu, &q, count, mean[j * stride], m2[j * stride])
+    out_mean[0] = mu
+    out_m2[0] = q
+
+
 cdef inline void block_grad_sums(const floating* x, const floating* dy, Py_ssize_t n,
                                  double center, double* sum_dy, double* sum_dy_xc) noexcept nogil:
     """sum(dy) and sum(dy * (x - center)) over n elements, in float64 (OUT: the two sums)."""

@@ -18,7 +18,7 @@ from libc.math cimport sqrt
 
 from fused_types cimport floating
 from chunking cimport use_threads
-from blocks cimport nc_merge_step
+from blocks cimport merge_equal_rows, nc_merge_step
 
 cdef extern from "cl_ops.h" nogil:
     enum: NC_CL_CHUNK
@@ -229,12 +229,12 @@ def cl_group_forward(const floating[:, :, ::1] x,   # IN  [N, L, C]
                      int n_threads=1):
     """InstanceNorm (G = C) and GroupNorm forward with their own statistics, one sample per
     task while it is in cache: cl_moments, then the groups merged as combine.merge_moments
-    does (mean of the k row means; M2 = sum M2 + L * sum (mean_r - mean)^2), rstd, and
+    does (blocks.merge_equal_rows: Chan's formula in row order), rstd, and
     cl_apply with center mean, scale rstd * weight[c], shift bias[c]. The same bits as those
     three steps run one after the other."""
     cdef Py_ssize_t N = x.shape[0], L = x.shape[1], C = x.shape[2]
     cdef Py_ssize_t k, nch, n, ch, c, g, j, tid, r
-    cdef double q, s, d, sc
+    cdef double s, sc
     cdef double[:, :, ::1] parts
     cdef double[:, ::1] scratch
     cdef floating[:, :, ::1] co
@@ -259,17 +259,8 @@ def cl_group_forward(const floating[:, :, ::1] x,   # IN  [N, L, C]
         _merge_chunks(&parts[n * nch, 0, 0], nch, L, C, &row_mean[n * C], &row_m2[n * C])
         for g in range(G):
             r = n * C + g * k
-            s = 0.0
-            for j in range(k):
-                s = s + row_mean[r + j]
-            s = s / k
-            q = 0.0
-            d = 0.0
-            for j in range(k):
-                q = q + row_m2[r + j]
-                d = d + (row_mean[r + j] - s) * (row_mean[r + j] - s)
-            mean[n * G + g] = s
-            m2[n * G + g] = q + L * d
+            merge_equal_rows(&row_mean[r], &row_m2[r], 1, k, <double>L, &mean[n * G + g], &m2[n * G + g])
+            s = mean[n * G + g]
             rstd[n * G + g] = 1.0 / sqrt(max(m2[n * G + g] / (k * L), 0.0) + eps)
             for j in range(k):
                 c = g * k + j

@@ -932,3 +932,28 @@ def test_eval_backward_uses_the_forward_statistics(cls):
         m.backward(g)
         grads.append(m.grads["weight"])
     assert_close(grads[1], grads[0], np.float64, "weight gradient, channels-last vs C-contiguous")
+
+
+@pytest.mark.parametrize("value", [1e308, -1.7e308, 8.9e307])
+@pytest.mark.parametrize("make", [lambda: nc.BatchNorm2d(2, dtype=np.float64), lambda: nc.GroupNorm(1, 2, dtype=np.float64),
+                                  lambda: nc.GroupNorm(2, 2, dtype=np.float64),
+                                  lambda: nc.InstanceNorm2d(2, affine=True, dtype=np.float64)],
+                         ids=["bn", "gn1", "gn2", "in"])
+def test_constant_channels_near_the_largest_double_are_bias_in_both_layouts(make, value):
+    """The merge of row means must not overflow where the values do not: channels-last gives
+    bias as NCHW does (issue 12, item 8: it gave NaN), with the same running statistics."""
+    x = np.full((2, 2, 3, 2), value)
+    x_cl = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    results = []
+    for a in (x, x_cl):
+        m = make()
+        m.bias[...] = [0.25, -3.0]
+        y = m(a)
+        dx = m.backward(np.ones_like(a))
+        results.append((y, dx, m.state_dict()))
+    (y, dx, sd), (y_cl, dx_cl, sd_cl) = results
+    np.testing.assert_array_equal(y_cl, y)
+    assert (y[:, 0] == 0.25).all() and (y[:, 1] == -3.0).all()
+    np.testing.assert_array_equal(dx_cl, dx)
+    for k in sd:
+        np.testing.assert_array_equal(sd_cl[k], sd[k], err_msg=k)
