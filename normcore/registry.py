@@ -125,7 +125,13 @@ class _Registry:
         """canonical name -> entry point, for the entry points that clash with nothing."""
         index = {}
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-            key = canonical(ep.name)
+            try:
+                key = canonical(ep.name)
+            except (TypeError, ValueError) as exc:  # one malformed entry point must not break the rest
+                warnings.warn(
+                    f"the entry point {ep.name!r} = {ep.value!r} ({_dist_name(ep)}) in group "
+                    f"{ENTRY_POINT_GROUP!r} is ignored: {exc}", RuntimeWarning, stacklevel=4)
+                continue
             if key in self._entries and not getattr(self._entries[key].cls, "_normcore_entry_point", None):
                 warnings.warn(
                     f"the entry point {ep.name!r} = {ep.value!r} ({_dist_name(ep)}) is ignored: "

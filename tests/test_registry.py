@@ -3,6 +3,7 @@ sys.path), and the example third-party plugin under examples/ installed with pip
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,9 @@ BUILTINS = ["batch_norm1d", "batch_norm2d", "batch_norm3d", "instance_norm1d", "
 
 @pytest.fixture(autouse=True)
 def clean_registry():
-    """Each test starts from, and leaves, the registry as it found it."""
+    """Each test starts from, and leaves, the registry as it found it (with the shipped plugins
+    loaded: their modules register once, on first import, so they must be in the snapshot)."""
+    registry._registry._load_shipped()
     entries = dict(registry._registry._entries)
     yield
     registry._registry._entries.clear()
@@ -125,6 +128,27 @@ def test_package_installed_after_import_is_found(tmp_path, monkeypatch):
     make_distribution(tmp_path, "late-plugin", "late_plugin_mod", PLUGIN_SOURCE, {"late_norm": "late_plugin_mod:Scale"})
     assert nc.get_norm("late_norm").__name__ == "Scale"
     monkeypatch.delitem(sys.modules, "late_plugin_mod")
+
+
+def test_a_malformed_entry_point_name_is_skipped_with_a_warning(tmp_path, monkeypatch):
+    """An entry point named '___' (no letter or digit) is skipped with a warning naming its
+    distribution; every other lookup keeps working (issue 12, item 5: it made list_norms() and
+    every plugin lookup raise ValueError)."""
+    make_distribution(tmp_path / "a", "odd-plugin", "odd_plugin_mod", PLUGIN_SOURCE, {"___": "odd_plugin_mod:Scale"})
+    make_distribution(tmp_path / "b", "good-plugin", "good_plugin_mod", PLUGIN_SOURCE, {"good_norm": "good_plugin_mod:Scale"})
+    for d in "ab":
+        monkeypatch.syspath_prepend(str(tmp_path / d))
+    registry._registry._entry_points = None
+    with pytest.warns(RuntimeWarning, match=r"'___'.*odd-plugin 1\.0.*ignored"):
+        names = nc.list_norms()
+    assert "good_norm" in names and "___" not in names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert nc.get_norm("good_norm").__name__ == "Scale"
+        assert nc.get_norm("switchable_norm2d").__name__ == "SwitchableNorm2d"
+        with pytest.raises(nc.UnknownNormError):
+            nc.get_norm("nothing_like_this")
+    monkeypatch.delitem(sys.modules, "good_plugin_mod", raising=False)
 
 
 def test_broken_plugin_raises_plugin_load_error_and_breaks_nothing_else(tmp_path, monkeypatch):
