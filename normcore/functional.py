@@ -11,7 +11,14 @@ from normcore.instance_norm import check_spatial_size, instance_norm_forward
 from normcore.layer_norm import check_layer_input, layer_norm_forward, normalize_shape
 from normcore.local_response_norm import check_lrn_args, check_lrn_input, local_response_norm_forward
 from normcore.module import write_arrays
-from normcore.validation import as_float_array, check_eps, check_momentum, check_positive_int, check_vector
+from normcore.validation import (
+    as_float_array,
+    check_eps,
+    check_functional_bool,
+    check_functional_float,
+    check_positive_int,
+    check_vector,
+)
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "local_response_norm"]
 
@@ -46,15 +53,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """Batch normalisation of input (N, C, *); see ``nc.BatchNorm2d``."""
     x = _channel_input(input, 2)
     C = x.shape[1]
+    training = check_functional_bool(training, "batch_norm", "training")
+    momentum = check_functional_float(momentum, "batch_norm", "momentum")
     rm, rv = _running_buffers(running_mean, running_var, C, None if training else "training=False")
     weight = check_vector(weight, C, "weight")
     bias = check_vector(bias, C, "bias")
     eps = check_eps(eps)
-    momentum = check_momentum(momentum) or 0.0
     if training:
         check_values_per_channel(x)
         check_training_eps(eps)
-    y, _, new = batch_norm_forward(x, rm, rv, weight, bias, bool(training), momentum, eps)
+    y, _, new = batch_norm_forward(x, rm, rv, weight, bias, training, momentum, eps)
     _commit(running_mean, running_var, new)
     return y
 
@@ -64,14 +72,15 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     """Instance normalisation of input (N, C, *); see ``nc.InstanceNorm2d``."""
     x = _channel_input(input, 3)
     C = x.shape[1]
+    use_input_stats = check_functional_bool(use_input_stats, "instance_norm", "use_input_stats")
+    momentum = check_functional_float(momentum, "instance_norm", "momentum")
     rm, rv = _running_buffers(running_mean, running_var, C, None if use_input_stats else "use_input_stats=False")
     weight = check_vector(weight, C, "weight")
     bias = check_vector(bias, C, "bias")
     eps = check_eps(eps)
-    momentum = check_momentum(momentum) or 0.0
     if use_input_stats:
         check_spatial_size(x)
-    y, _, new = instance_norm_forward(x, rm, rv, weight, bias, bool(use_input_stats), momentum, eps)
+    y, _, new = instance_norm_forward(x, rm, rv, weight, bias, use_input_stats, momentum, eps)
     _commit(running_mean, running_var, new)
     return y
 

@@ -29,6 +29,9 @@ def check_group_input(x, num_groups, weight):
         raise ValueError(
             "Expected number of channels in input to be divisible by num_groups, but got input of "
             f"shape {list(x.shape)} and num_groups={num_groups}")
+    size = [x.shape[0] * C // num_groups, num_groups, *x.shape[2:]]
+    if math.prod(size[:1] + size[2:]) == 1:  # torch's _verify_batch_size on the grouped shape
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
     if weight is not None and weight.shape != (C,):
         raise ValueError(
             "Expected weight to be a vector of size equal to the number of channels in input, but got "

@@ -21,16 +21,20 @@ __all__ = ["LayerNorm", "layer_norm_forward", "layer_norm_backward", "normalize_
 
 
 def normalize_shape(normalized_shape):
-    """normalized_shape (an int or a sequence of ints) as a tuple of ints >= 0."""
+    """normalized_shape (an int, or a tuple, list, torch.Size or 1-D array of ints) as a tuple of
+    ints >= 0.
+
+    A set, dict, string or other iterable is refused with TypeError, as torch's functional
+    layer_norm does: its order is not that of dims."""
     if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
         shape = (int(normalized_shape),)
     else:
-        try:
-            shape = tuple(normalized_shape)
-        except TypeError:
+        if not (isinstance(normalized_shape, (tuple, list))
+                or (isinstance(normalized_shape, np.ndarray) and normalized_shape.ndim == 1)):
             raise TypeError(
-                f"normalized_shape must be an int or a sequence of ints, got {type(normalized_shape).__name__}"
-            ) from None
+                f"normalized_shape must be an int or a sequence of ints (a tuple or list), got "
+                f"{type(normalized_shape).__name__}")
+        shape = tuple(normalized_shape)
         if not all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in shape):
             raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
         shape = tuple(int(d) for d in shape)

@@ -48,20 +48,29 @@ def check_positive_int(value, name):
     return int(value)
 
 
+def _real_as_float(value, name, rule):
+    """A real number (not a bool) as a float; an int beyond float's range is a ValueError with
+    the rule's words, as inf would be, rather than float()'s OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be {rule}, got an int of {int(value).bit_length()} bits, "
+                         "beyond the float range") from None
+
+
 def check_eps(eps):
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
+    eps = _real_as_float(eps, "eps", "a finite number >= 0")
     if not (eps >= 0.0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     return eps
 
 
 def check_finite_real(value, name):
-    """A finite real number as a float (TypeError for other types, ValueError for inf / NaN)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    """A finite real number as a float (TypeError for other types, ValueError for inf / NaN and
+    for ints beyond float's range)."""
+    value = _real_as_float(value, name, "finite")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
@@ -69,6 +78,22 @@ def check_finite_real(value, name):
 
 def check_momentum(momentum):
     return None if momentum is None else check_finite_real(momentum, "momentum")
+
+
+def check_functional_bool(value, function, name):
+    """A bool argument of a functional form: torch's TypeError for anything else (a truthy
+    string or None is not read as a mode)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{function}(): argument '{name}' must be bool, not {type(value).__name__}")
+    return bool(value)
+
+
+def check_functional_float(value, function, name):
+    """A float argument of a functional form (an int is accepted, None is not: torch's
+    TypeError), finite."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{function}(): argument '{name}' must be float, not {type(value).__name__}")
+    return check_finite_real(value, name)
 
 
 def check_bool(value, name):

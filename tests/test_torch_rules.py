@@ -208,3 +208,92 @@ def test_strided_parameters_of_a_module_work():
     m(x)
     m.backward(x)
     np.testing.assert_allclose(m(x), nc.BatchNorm1d(4, dtype=np.float64)(x))
+
+
+# -- item 11: GroupNorm needs more than one value per group ---------------------------------------
+@pytest.mark.parametrize("shape", [(1, 2), (1, 2, 1), (1, 2, 1, 1)])
+def test_group_norm_with_one_value_per_group_is_refused(shape):
+    m = nc.GroupNorm(2, 2)
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when training, got input size \[1, 2"):
+        m(np.ones(shape))
+    assert m._saved is None
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        F.group_norm(np.ones(shape), 2)
+    m(np.ones((2,) + shape[1:]))  # two samples: two values per (group, batch): as torch, fine
+
+
+@needs_torch
+def test_group_norm_one_value_rule_is_torch_s():
+    for shape in [(1, 2), (2, 2), (1, 4), (1, 2, 2)]:
+        x = np.random.default_rng(0).normal(size=shape)
+        try:
+            torch.nn.GroupNorm(2, shape[1], dtype=torch.float64)(torch.from_numpy(x))
+            torch_refuses = False
+        except ValueError:
+            torch_refuses = True
+        try:
+            nc.GroupNorm(2, shape[1])(x)
+            ours_refuses = False
+        except ValueError:
+            ours_refuses = True
+        assert ours_refuses == torch_refuses, shape
+
+
+# -- item 12: the functional forms check their argument types --------------------------------------
+X = np.random.default_rng(0).normal(size=(4, 3, 5))
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda rm, rv: F.batch_norm(X, rm, rv, training="no"), r"argument 'training' must be bool, not str"),
+    (lambda rm, rv: F.batch_norm(X, rm, rv, training=None), r"argument 'training' must be bool, not NoneType"),
+    (lambda rm, rv: F.batch_norm(X, rm, rv, training=1), r"argument 'training' must be bool, not int"),
+    (lambda rm, rv: F.batch_norm(X, rm, rv, training=True, momentum=None), r"argument 'momentum' must be float"),
+    (lambda rm, rv: F.batch_norm(X, rm, rv, training=True, momentum="0.1"), r"argument 'momentum' must be float"),
+    (lambda rm, rv: F.instance_norm(X, rm, rv, use_input_stats="yes"), r"argument 'use_input_stats' must be bool"),
+    (lambda rm, rv: F.instance_norm(X, rm, rv, use_input_stats=None), r"argument 'use_input_stats' must be bool"),
+    (lambda rm, rv: F.instance_norm(X, rm, rv, momentum=None), r"argument 'momentum' must be float"),
+    (lambda rm, rv: F.layer_norm(X, {5}), r"normalized_shape must be an int or a sequence of ints \(a tuple or list\), got set"),
+    (lambda rm, rv: F.layer_norm(X, {5: 1}), r"got dict"),
+    (lambda rm, rv: F.layer_norm(X, "5"), r"got str"),
+    (lambda rm, rv: F.layer_norm(X, (d for d in (5,))), r"got generator"),
+])
+def test_functional_type_errors(call, words):
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.raises(TypeError, match=words):
+        call(rm, rv)
+    assert not rm.any() and (rv == 1).all()
+
+
+def test_functional_accepts_what_torch_accepts():
+    rm, rv = np.zeros(3), np.ones(3)
+    F.batch_norm(X, rm, rv, training=np.bool_(True), momentum=1)  # an int momentum, a NumPy bool
+    np.testing.assert_allclose(rm, X.mean(axis=(0, 2)))
+    np.testing.assert_array_equal(F.layer_norm(X, [5]), F.layer_norm(X, (5,)))
+    np.testing.assert_array_equal(F.layer_norm(X, 5), F.layer_norm(X, (5,)))
+
+
+@needs_torch
+def test_functional_type_errors_are_torch_s():
+    x = torch.from_numpy(X)
+    for kwargs in [dict(training="no"), dict(training=None), dict(training=True, momentum=None)]:
+        with pytest.raises(TypeError):
+            torch.nn.functional.batch_norm(x, torch.zeros(3), torch.ones(3), **kwargs)
+    with pytest.raises(TypeError):
+        torch.nn.functional.layer_norm(x, {5})
+
+
+# -- item 13: numbers beyond float's range are ValueErrors ----------------------------------------
+@pytest.mark.parametrize("make, words", [
+    (lambda: nc.BatchNorm2d(3, eps=10**400), r"eps must be a finite number >= 0"),
+    (lambda: nc.BatchNorm2d(3, momentum=10**400), r"momentum must be finite"),
+    (lambda: nc.LayerNorm(3, eps=-10**400), r"eps must be a finite number >= 0"),
+    (lambda: nc.GroupNorm(1, 3, eps=10**400), r"eps must be a finite number >= 0"),
+    (lambda: nc.LocalResponseNorm(3, alpha=10**400), r"alpha must be finite"),
+    (lambda: nc.LocalResponseNorm(3, beta=-10**400), r"beta must be finite"),
+    (lambda: nc.LocalResponseNorm(3, k=10**400), r"k must be finite"),
+    (lambda: F.batch_norm(X, None, None, training=True, eps=10**400), r"eps must be a finite number >= 0"),
+    (lambda: F.local_response_norm(X, 3, alpha=10**400), r"alpha must be finite"),
+])
+def test_huge_ints_are_value_errors_not_overflow_errors(make, words):
+    with pytest.raises(ValueError, match=words):
+        make()
