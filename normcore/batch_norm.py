@@ -57,8 +57,8 @@ class _BatchNorm(ChannelNorm):
     _dims = ()
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
+                 device=None, dtype=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
 
     def _check_input_dim(self, x):
         if x.ndim not in self._dims:

@@ -6,6 +6,7 @@ from normcore.module import Module
 from normcore.threads import get_num_threads
 from normcore.validation import (
     check_bool,
+    check_device_arg,
     check_dtype_arg,
     check_eps,
     check_grad_output,
@@ -26,17 +27,19 @@ class ChannelNorm(Module):
     _buffer_names = ("running_mean", "running_var", "num_batches_tracked")
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 dtype=np.float32):
+                 device=None, dtype=None, *, bias=True):
         super().__init__()
         self.num_features = check_positive_int(num_features, "num_features")
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum)
         self.affine = check_bool(affine, "affine")
         self.track_running_stats = check_bool(track_running_stats, "track_running_stats")
+        has_bias = check_bool(bias, "bias")
+        check_device_arg(device)
         self.dtype = check_dtype_arg(dtype)
         C = self.num_features
         self.weight = np.ones(C, self.dtype) if self.affine else None
-        self.bias = np.zeros(C, self.dtype) if self.affine else None
+        self.bias = np.zeros(C, self.dtype) if self.affine and has_bias else None
         if self.track_running_stats:
             self.running_mean = np.zeros(C, self.dtype)
             self.running_var = np.ones(C, self.dtype)
@@ -53,8 +56,9 @@ class ChannelNorm(Module):
 
     def reset_parameters(self):
         self.reset_running_stats()
-        if self.affine:
+        if self.weight is not None:
             self.weight[...] = 1
+        if self.bias is not None:
             self.bias[...] = 0
 
     def __repr__(self):
@@ -67,9 +71,7 @@ class ChannelNorm(Module):
         saved = self._require_forward()
         dy = check_grad_output(dy, saved.out_shape, saved.dtype)
         dx, dweight, dbias = backward_saved(dy, saved)
-        self.grads = {}
-        if self.affine:
-            self.grads = {"weight": dweight.astype(self.dtype), "bias": dbias.astype(self.dtype)}
+        self._store_grads({"weight": dweight, "bias": dbias})
         return dx
 
 

@@ -11,6 +11,7 @@ from normcore.threads import get_num_threads
 from normcore.validation import (
     as_float_array,
     check_bool,
+    check_device_arg,
     check_dtype_arg,
     check_eps,
     check_grad_output,
@@ -55,7 +56,7 @@ class GroupNorm(Module):
 
     _parameter_names = ("weight", "bias")
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, dtype=np.float32):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *, bias=True):
         super().__init__()
         self.num_groups = check_positive_int(num_groups, "num_groups")
         self.num_channels = check_positive_int(num_channels, "num_channels")
@@ -64,14 +65,17 @@ class GroupNorm(Module):
                 f"num_channels ({self.num_channels}) must be divisible by num_groups ({self.num_groups})")
         self.eps = check_eps(eps)
         self.affine = check_bool(affine, "affine")
+        has_bias = check_bool(bias, "bias")
+        check_device_arg(device)
         self.dtype = check_dtype_arg(dtype)
         self.weight = np.ones(self.num_channels, self.dtype) if self.affine else None
-        self.bias = np.zeros(self.num_channels, self.dtype) if self.affine else None
+        self.bias = np.zeros(self.num_channels, self.dtype) if self.affine and has_bias else None
         self._saved = None
 
     def reset_parameters(self):
-        if self.affine:
+        if self.weight is not None:
             self.weight[...] = 1
+        if self.bias is not None:
             self.bias[...] = 0
 
     def __repr__(self):
@@ -89,7 +93,5 @@ class GroupNorm(Module):
         record = self._require_forward()
         dy = check_grad_output(dy, record.out_shape, record.dtype)
         dx, dweight, dbias = backward_saved(dy, record)
-        self.grads = {}
-        if self.affine:
-            self.grads = {"weight": dweight.astype(self.dtype), "bias": dbias.astype(self.dtype)}
+        self._store_grads({"weight": dweight, "bias": dbias})
         return dx

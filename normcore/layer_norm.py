@@ -15,7 +15,14 @@ from normcore._kernels.layer_rows import layer_backward, layer_forward
 from normcore.module import Module
 from normcore.registry import register_norm
 from normcore.threads import get_num_threads
-from normcore.validation import as_float_array, check_bool, check_dtype_arg, check_eps, check_grad_output
+from normcore.validation import (
+    as_float_array,
+    check_bool,
+    check_device_arg,
+    check_dtype_arg,
+    check_eps,
+    check_grad_output,
+)
 
 __all__ = ["LayerNorm", "layer_norm_forward", "layer_norm_backward", "normalize_shape"]
 
@@ -106,12 +113,13 @@ class LayerNorm(Module):
 
     _parameter_names = ("weight", "bias")
 
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, dtype=np.float32):
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None):
         super().__init__()
         self.normalized_shape = normalize_shape(normalized_shape)
         self.eps = check_eps(eps)
         self.elementwise_affine = check_bool(elementwise_affine, "elementwise_affine")
         has_bias = check_bool(bias, "bias")
+        check_device_arg(device)
         self.dtype = check_dtype_arg(dtype)
         shape = self.normalized_shape
         self.weight = np.ones(shape, self.dtype) if self.elementwise_affine else None

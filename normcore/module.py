@@ -16,6 +16,7 @@ while other threads use the same layer, hold ``m.lock`` around both (``with m.lo
 """
 import functools
 import threading
+import types
 from typing import NamedTuple
 
 import numpy as np
@@ -26,6 +27,25 @@ __all__ = ["Module", "IncompatibleKeys", "write_arrays"]
 _LOCKED_METHODS = ("forward", "backward", "train", "load_state_dict", "state_dict",
                    "reset_parameters", "reset_running_stats")
 _lock_creation = threading.Lock()
+
+
+def _name_inherited_init(cls):
+    """A public class that inherits __init__ from a private base (BatchNorm2d from _BatchNorm)
+    gets a copy of it named after itself, so that Python's own argument errors name the class
+    the user called: "BatchNorm2d.__init__() got an unexpected keyword argument", not
+    "_BatchNorm.__init__() ...". The copy shares the code (and super()'s class) of the original."""
+    if cls.__name__.startswith("_") or "__init__" in cls.__dict__:
+        return
+    inherited = cls.__init__
+    if not isinstance(inherited, types.FunctionType):  # object.__init__ and the like
+        return
+    init = types.FunctionType(inherited.__code__, inherited.__globals__, "__init__", inherited.__defaults__,
+                              inherited.__closure__)
+    init.__kwdefaults__ = inherited.__kwdefaults__
+    init.__doc__ = inherited.__doc__
+    init.__module__ = cls.__module__
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init
 
 
 class IncompatibleKeys(NamedTuple):
@@ -79,8 +99,10 @@ class Module:
     _buffer_names = ()
 
     def __init_subclass__(cls, **kwargs):
-        """Wrap the state-touching methods a subclass defines so that they hold ``self.lock``."""
+        """Wrap the state-touching methods a subclass defines so that they hold ``self.lock``;
+        give a public class that inherits its ``__init__`` one named after itself."""
         super().__init_subclass__(**kwargs)
+        _name_inherited_init(cls)
         for name in _LOCKED_METHODS:
             method = cls.__dict__.get(name)
             if callable(method) and not getattr(method, "holds_module_lock", False):
@@ -203,6 +225,12 @@ class Module:
         return IncompatibleKeys(missing, unexpected)
 
     # -- helpers for subclasses ----------------------------------------------------------------
+    def _store_grads(self, grads):
+        """self.grads = the given gradients of the parameters this layer has (a parameter that is
+        None, e.g. bias=False, gets none), in the parameters' dtype."""
+        self.grads = {name: np.asarray(g).astype(getattr(self, name).dtype)
+                      for name, g in grads.items() if getattr(self, name, None) is not None}
+
     def _require_forward(self):
         saved = getattr(self, "_saved", None)
         if saved is None:

@@ -89,8 +89,8 @@ class SyncBatchNorm(_BatchNorm):
     _dims = (2, 3, 4, 5)
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 comm=None, dtype=np.float32):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
+                 comm=None, device=None, dtype=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         MPI = _mpi()
         if comm is None:
             comm = MPI.COMM_WORLD
@@ -104,7 +104,7 @@ class SyncBatchNorm(_BatchNorm):
         if not isinstance(bn, ChannelNorm) or not isinstance(bn, _BatchNorm):
             raise TypeError(f"from_batch_norm expects a normcore BatchNorm1d/2d/3d, got {type(bn).__name__}")
         sync = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, comm=comm,
-                   dtype=bn.dtype)
+                   dtype=bn.dtype, bias=bn.bias is not None or not bn.affine)
         sync.load_state_dict(bn.state_dict())
         sync.train(bn.training)
         return sync
@@ -204,7 +204,7 @@ class SyncBatchNorm(_BatchNorm):
         C = self.num_features
         if saved.count == 0:  # every rank's batch was empty: no collective on any rank
             check_grad_output(dy, saved.shape, saved.dtype)
-            self.grads = {"weight": np.zeros(C, self.dtype), "bias": np.zeros(C, self.dtype)} if self.affine else {}
+            self._store_grads({"weight": np.zeros(C), "bias": np.zeros(C)})
             return np.zeros(saved.shape, saved.dtype)
         error = None
         local = np.zeros(1 + 2 * C)
@@ -235,7 +235,5 @@ class SyncBatchNorm(_BatchNorm):
             dx = toolkit.apply_rows_backward(_rows_view(dy), _rows_view(x), a, saved.mean, b, c).reshape(saved.shape)
         else:
             dx = np.zeros(saved.shape, saved.dtype)
-        self.grads = {}
-        if self.affine:
-            self.grads = {"weight": (sum_dyxc * rstd).astype(self.dtype), "bias": sum_dy.astype(self.dtype)}
+        self._store_grads({"weight": sum_dyxc * rstd, "bias": sum_dy})
         return dx

@@ -30,7 +30,16 @@ def as_float_array(x, name="input"):
 
 
 def check_dtype_arg(dtype):
-    """The `dtype` constructor argument as a NumPy float dtype."""
+    """The `dtype` constructor argument as a NumPy float dtype: None (float32, torch's default),
+    a NumPy float32 / float64 dtype, or torch.float32 / torch.float64 (torch code passes those;
+    read by name, so torch is not imported)."""
+    if dtype is None:
+        return np.dtype(np.float32)
+    if type(dtype).__module__ == "torch" and type(dtype).__name__ == "dtype":
+        name = str(dtype).removeprefix("torch.")
+        if name not in ("float32", "float64"):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        return np.dtype(name)
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
@@ -38,6 +47,18 @@ def check_dtype_arg(dtype):
     if dt not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dt}")
     return dt
+
+
+def check_device_arg(device):
+    """The `device` constructor argument: None, "cpu" (or "cpu:0"), or a torch.device of type
+    cpu. normcore runs on the CPU; anything else is a ValueError saying so."""
+    if device is None:
+        return None
+    kind = device.type if type(device).__module__ == "torch" and type(device).__name__ == "device" else device
+    if isinstance(kind, str) and kind in ("cpu", "cpu:0"):
+        return "cpu"
+    raise ValueError(f"normcore runs on the CPU only: device must be None or 'cpu', got {device!r} "
+                     "(keep torch's own layer for that device)")
 
 
 def check_positive_int(value, name):

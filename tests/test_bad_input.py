@@ -655,7 +655,7 @@ def _ctor_rows():
             (f"{c}-dtype-float16", lambda cls=cls: cls(3, dtype=np.float16), T, FLOAT_WORDS),
             (f"{c}-dtype-complex", lambda cls=cls: cls(3, dtype=np.complex64), T, FLOAT_WORDS),
             (f"{c}-dtype-garbage", lambda cls=cls: cls(3, dtype="nonsense"), T, FLOAT_WORDS),
-            (f"{c}-dtype-torch", lambda cls=cls: cls(3, dtype=torch.float32), T, FLOAT_WORDS),
+            (f"{c}-dtype-torch", lambda cls=cls: cls(3, dtype=torch.float16), T, FLOAT_WORDS),
         ]
     G = nc.GroupNorm
     rows += [

@@ -1,6 +1,9 @@
 """Where PyTorch refuses an input or a call and normcore must too (and the reverse), with
 PyTorch's exception types and words (issue 12, items 10 to 17). Each rule is asserted on its own
 and, where torch is installed, side by side with torch 2.13."""
+import re
+import sys
+
 import numpy as np
 import pytest
 
@@ -297,3 +300,109 @@ def test_functional_type_errors_are_torch_s():
 def test_huge_ints_are_value_errors_not_overflow_errors(make, words):
     with pytest.raises(ValueError, match=words):
         make()
+
+
+# -- item 14: bias=, device=, torch dtypes ---------------------------------------------------------
+BIAS_FALSE = [
+    (lambda **kw: nc.BatchNorm2d(3, **kw), "BatchNorm2d", (3,), (2, 3, 4, 4)),
+    (lambda **kw: nc.BatchNorm1d(3, **kw), "BatchNorm1d", (3,), (4, 3)),
+    (lambda **kw: nc.InstanceNorm2d(3, affine=True, **kw), "InstanceNorm2d", (3,), (2, 3, 4, 4)),
+    (lambda **kw: nc.GroupNorm(1, 3, **kw), "GroupNorm", (1, 3), (2, 3, 5)),
+]
+
+
+@pytest.mark.parametrize("make, name, args, shape", BIAS_FALSE, ids=[r[1] for r in BIAS_FALSE])
+def test_bias_false_gives_a_weight_and_no_bias(make, name, args, shape):
+    m = make(bias=False)
+    assert m.bias is None and m.weight is not None
+    assert "bias" not in m.state_dict() and "bias" not in m.parameters()
+    x = np.random.default_rng(0).normal(size=shape)
+    m.weight[...] = 2.0
+    y = m(x)
+    ref = make()
+    ref.weight[...] = 2.0
+    np.testing.assert_array_equal(y, ref(x))  # a bias of zeros
+    m.backward(np.ones_like(x))
+    assert set(m.grads) == {"weight"}
+    m.reset_parameters()
+    assert (m.weight == 1).all()
+
+
+@needs_torch
+@pytest.mark.parametrize("make, name, args, shape", BIAS_FALSE, ids=[r[1] for r in BIAS_FALSE])
+def test_bias_false_checkpoints_load_both_ways_and_match_torch(make, name, args, shape):
+    kwargs = dict(affine=True) if name.startswith("Instance") else {}
+    t = getattr(torch.nn, name)(*args, bias=False, dtype=torch.float64, **kwargs)
+    with torch.no_grad():
+        t.weight.uniform_(0.5, 1.5)
+    m = make(bias=False, dtype=np.float64)
+    m.load_state_dict({k: v.numpy() for k, v in t.state_dict().items()})
+    t.load_state_dict({k: torch.from_numpy(v) for k, v in m.state_dict().items()})
+    assert sorted(m.state_dict()) == sorted(t.state_dict())
+    x = np.random.default_rng(1).normal(size=shape)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = t(xt)
+    yt.backward(torch.ones_like(yt))
+    np.testing.assert_allclose(m(x), yt.detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(m.backward(np.ones_like(x)), xt.grad.numpy(), atol=1e-12)
+    np.testing.assert_allclose(m.grads["weight"], t.weight.grad.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [lambda **kw: nc.BatchNorm2d(3, **kw), lambda **kw: nc.InstanceNorm1d(3, **kw),
+                                  lambda **kw: nc.GroupNorm(1, 3, **kw), lambda **kw: nc.LayerNorm(3, **kw)])
+def test_device_and_dtype_arguments_as_torch_code_passes_them(make):
+    assert make(device=None).dtype == np.float32 and make(dtype=None).dtype == np.float32
+    assert make(device="cpu").dtype == np.float32
+    for bad in ("cuda", "cuda:0", "meta", 0):
+        with pytest.raises(ValueError, match=r"normcore runs on the CPU only: device must be None or 'cpu'"):
+            make(device=bad)
+    if torch is not None:
+        assert make(device=torch.device("cpu"), dtype=torch.float64).dtype == np.float64
+        assert make(dtype=torch.float32).dtype == np.float32
+        for bad in (torch.float16, torch.bfloat16, torch.int64):
+            with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+                make(dtype=bad)
+        with pytest.raises(ValueError, match="CPU only"):
+            make(device=torch.device("meta"))
+
+
+def test_torch_s_positional_order():
+    """torch: (num_features, eps, momentum, affine, track_running_stats, device, dtype)."""
+    m = nc.BatchNorm2d(3, 1e-3, 0.2, True, False, "cpu", np.float64)
+    assert (m.eps, m.momentum, m.track_running_stats, m.dtype) == (1e-3, 0.2, False, np.float64)
+    g = nc.GroupNorm(1, 3, 1e-3, True, None, np.float64)
+    assert g.dtype == np.float64
+    ln = nc.LayerNorm(3, 1e-3, True, False, None, np.float64)
+    assert ln.bias is None and ln.dtype == np.float64
+
+
+# -- item 16: errors name the public class ----------------------------------------------------------
+def _public_layer_classes():
+    from normcore.plugins import switchable
+    return [nc.BatchNorm1d, nc.BatchNorm2d, nc.BatchNorm3d, nc.InstanceNorm1d, nc.InstanceNorm2d,
+            nc.InstanceNorm3d, nc.GroupNorm, nc.LayerNorm, nc.LocalResponseNorm, nc.SyncBatchNorm,
+            switchable.SwitchableNorm1d, switchable.SwitchableNorm2d, switchable.SwitchableNorm3d]
+
+
+@pytest.mark.parametrize("cls", _public_layer_classes(), ids=lambda c: c.__name__)
+def test_argument_errors_name_the_public_class(cls):
+    with pytest.raises(TypeError) as info:
+        cls(3, no_such_argument=1)
+    message = str(info.value)
+    assert "unexpected keyword argument 'no_such_argument'" in message
+    assert not re.search(r"\b_[A-Za-z]\w*\.__init__", message), message  # no private base
+    if sys.version_info >= (3, 11):
+        assert message.startswith(f"{cls.__name__}.__init__()"), message
+    with pytest.raises(TypeError) as info:
+        cls(*range(1, 12))
+    assert not re.search(r"\b_[A-Za-z]\w*\.__init__", str(info.value)), str(info.value)
+
+
+def test_a_user_subclass_gets_its_own_name_too():
+    class MyNorm(nc.BatchNorm2d):
+        pass
+
+    with pytest.raises(TypeError, match=r"MyNorm.__init__\(\) got an unexpected keyword argument 'x'"
+                       if sys.version_info >= (3, 11) else "unexpected keyword argument 'x'"):
+        MyNorm(3, x=1)
+    assert MyNorm(3).num_features == 3 and isinstance(MyNorm(3), nc.BatchNorm2d)
