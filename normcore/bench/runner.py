@@ -55,7 +55,7 @@ __all__ = [
 
 FULL = {"min_time": 0.5, "repeat": 5, "copy_mib": 256, "copy_repeat": 10}
 QUICK = {"min_time": 0.1, "repeat": 3, "copy_mib": 64, "copy_repeat": 5}
-PLOT_INSTALL = 'pip install "normcore[plot]"'
+PLOT_INSTALL = 'pip install matplotlib (the "plot" extra of normcore-nn)'
 
 
 # -- timing ----------------------------------------------------------------------------------
