@@ -160,6 +160,14 @@ def test_bad_input_in_one_process_changes_nothing():
             m(bad)
     with pytest.raises(ValueError, match="dy must have the shape"):
         m.backward(np.ones((4, 3, 2, 3)))
+    m.eps = 0.0  # as BatchNorm: batch statistics need eps > 0
+    with pytest.raises(ValueError, match="batch_norm eps must be positive during training"):
+        m(x)
+    m.eps = 1e-5
+    m.running_var.setflags(write=False)  # refused before the collective, so no rank commits
+    with pytest.raises(ValueError, match="running_var is read-only"):
+        m(x)
+    m.running_var.setflags(write=True)
     assert m._saved is saved
     for k, v in m.state_dict().items():
         assert np.array_equal(v, before[k]), k
