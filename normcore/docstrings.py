@@ -59,6 +59,9 @@ BLOCKS = {
 # The constructor arguments that end BatchNorm's, InstanceNorm's and GroupNorm's signatures.
 BLOCKS["channel_options"] = BLOCKS["device_dtype"] + "\n" + BLOCKS["channel_bias"]
 
+# Notes of a layer that has no mode rules to state first.
+BLOCKS["layer_notes"] = "    Notes\n    -----\n" + BLOCKS["layer_rules"]
+
 
 def fill(template, **fields):
     """`template` with the shared ``BLOCKS`` and the given `fields` formatted in."""
