@@ -97,7 +97,8 @@ class _BatchNorm(ChannelNorm):
         return y
 
 
-# The docstrings of BatchNorm1d / 2d / 3d: one template (the arguments also serve SyncBatchNorm).
+# The docstrings of BatchNorm1d / 2d / 3d: one template (arguments and attributes also serve
+# SyncBatchNorm's).
 _BATCH_NORM_PARAMETERS = docstrings.fill("""\
     num_features : int
         C, the number of channels (dim 1 of the input).
@@ -113,6 +114,17 @@ _BATCH_NORM_PARAMETERS = docstrings.fill("""\
         Keep the buffers ``running_mean``, ``running_var`` and ``num_batches_tracked``,
         updated in training and used in eval. False: no buffers (they are None), and batch
         statistics in eval too.""")
+
+_BATCH_NORM_ATTRIBUTES = docstrings.fill("""\
+{affine_attributes}
+    running_mean, running_var : ndarray of shape (C,), or None
+        The running estimates of the mean and of the unbiased variance (zeros and ones at
+        construction); None without ``track_running_stats``.
+    num_batches_tracked : ndarray of shape () and dtype int64, or None
+        The number of training forwards so far; None without ``track_running_stats``.
+{training_grads}""")
+
+_BATCH_NORM_BLOCKS = {"parameters": _BATCH_NORM_PARAMETERS, "attributes": _BATCH_NORM_ATTRIBUTES}
 
 _BATCH_NORM_DOC = """Batch Normalization over {dims} input, as ``torch.nn.{name}``.
 
@@ -133,17 +145,11 @@ _BATCH_NORM_DOC = """Batch Normalization over {dims} input, as ``torch.nn.{name}
 
     Attributes
     ----------
-{affine_attributes}
-    running_mean, running_var : ndarray of shape (C,), or None
-        The running estimates of the mean and of the unbiased variance (zeros and ones at
-        construction); None without ``track_running_stats``.
-    num_batches_tracked : ndarray of shape () and dtype int64, or None
-        The number of training forwards so far; None without ``track_running_stats``.
-{training_grads}
+{attributes}
 
     Shape
     -----
-    - Input: {shape}{shape_note}
+    - Input: {shape}, with C = num_features
     - Output: {shape}, the input's shape (and dtype)
 
     Raises
@@ -198,9 +204,8 @@ _BATCH_NORM_DOC = """Batch Normalization over {dims} input, as ``torch.nn.{name}
 @register_norm("batch_norm1d")
 class BatchNorm1d(_BatchNorm):
     __doc__ = docstrings.fill(
-        _BATCH_NORM_DOC, name="BatchNorm1d", dims="2D or 3D", shape="(N, C) or (N, C, L)",
-        over="N and L", parameters=_BATCH_NORM_PARAMETERS,
-        shape_note=", with C = num_features", example_shape="(4, 3, 5)", axes="(0, 2)")
+        _BATCH_NORM_DOC, name="BatchNorm1d", dims="2D or 3D", shape="(N, C) or (N, C, L)", over="N and L",
+        example_shape="(4, 3, 5)", axes="(0, 2)", **_BATCH_NORM_BLOCKS)
 
     _dims = (2, 3)
 
@@ -209,8 +214,7 @@ class BatchNorm1d(_BatchNorm):
 class BatchNorm2d(_BatchNorm):
     __doc__ = docstrings.fill(
         _BATCH_NORM_DOC, name="BatchNorm2d", dims="4D", shape="(N, C, H, W)", over="N, H and W",
-        parameters=_BATCH_NORM_PARAMETERS, shape_note=", with C = num_features", example_shape="(4, 3, 5, 5)",
-        axes="(0, 2, 3)")
+        example_shape="(4, 3, 5, 5)", axes="(0, 2, 3)", **_BATCH_NORM_BLOCKS)
 
     _dims = (4,)
 
@@ -218,8 +222,7 @@ class BatchNorm2d(_BatchNorm):
 @register_norm("batch_norm3d")
 class BatchNorm3d(_BatchNorm):
     __doc__ = docstrings.fill(
-        _BATCH_NORM_DOC, name="BatchNorm3d", dims="5D", shape="(N, C, D, H, W)",
-        over="N, D, H and W", parameters=_BATCH_NORM_PARAMETERS,
-        shape_note=", with C = num_features", example_shape="(2, 3, 2, 3, 3)", axes="(0, 2, 3, 4)")
+        _BATCH_NORM_DOC, name="BatchNorm3d", dims="5D", shape="(N, C, D, H, W)", over="N, D, H and W",
+        example_shape="(2, 3, 2, 3, 3)", axes="(0, 2, 3, 4)", **_BATCH_NORM_BLOCKS)
 
     _dims = (5,)
