@@ -64,5 +64,8 @@ BLOCKS["layer_notes"] = "    Notes\n    -----\n" + BLOCKS["layer_rules"]
 
 
 def fill(template, **fields):
-    """`template` with the shared ``BLOCKS`` and the given `fields` formatted in."""
+    """`template` with the shared ``BLOCKS`` and the given `fields` formatted in (None, a
+    docstring that ``python -OO`` removed, stays None)."""
+    if template is None:
+        return None
     return template.format(**BLOCKS, **fields)
