@@ -79,7 +79,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         ``training=True``; when training, a single value per channel or ``eps == 0``.
     TypeError
         Input or parameters of another dtype than float32 or float64; running statistics
-        that are not NumPy arrays.
+        that are not NumPy arrays; `training` not a bool or `momentum` not a real number
+        (None included), with torch's words.
 
     Examples
     --------
@@ -141,7 +142,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         single value per instance.
     TypeError
         Input or parameters of another dtype than float32 or float64; running statistics
-        that are not NumPy arrays.
+        that are not NumPy arrays; `use_input_stats` not a bool or `momentum` not a real
+        number (None included), with torch's words.
 
     Examples
     --------
@@ -175,7 +177,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-05):
     input : array_like
         (*, *normalized_shape), float32 or float64.
     normalized_shape : int or sequence of ints
-        The trailing shape to normalize over.
+        The trailing shape to normalize over: an int, or a tuple, list, torch.Size or 1-D
+        integer array.
     weight, bias : array_like of shape normalized_shape, or None, default None
         The element-wise scale and shift (None: 1 and 0).
 {eps}
@@ -230,7 +233,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-05):
     ------
     ValueError
         Input of fewer than 2 dims, C not divisible by `num_groups`, or parameters of a
-        length other than C.
+        length other than C; a batch of one sample whose groups hold one value each.
     TypeError
         Input or parameters of another dtype than float32 or float64; `num_groups` not an int.
 

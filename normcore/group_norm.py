@@ -87,7 +87,8 @@ _GROUP_NORM_DOC = """Group Normalization over (N, C, *) input, as ``torch.nn.Gro
         At construction, ``num_channels`` not divisible by ``num_groups``. At forward: input
         of fewer than 2 dims, or whose channel count is not divisible by ``num_groups``
         ("Expected number of channels in input to be divisible by num_groups") or, with
-        ``affine``, differs from ``num_channels``.
+        ``affine``, differs from ``num_channels``; a batch of one sample whose groups hold
+        one value each (torch's "Expected more than 1 value per channel when training").
 {type_error}
 
 {layer_notes}

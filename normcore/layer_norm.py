@@ -112,7 +112,8 @@ _LAYER_NORM_DOC = """Layer Normalization over the trailing dims of the input, as
     ----------
     normalized_shape : int or sequence of ints
         The shape of the trailing dims to normalize over: an int d for the last dim (of size
-        d), or a tuple for several.
+        d), or a tuple, list, torch.Size or 1-D integer array for several (a set, dict or
+        str raises TypeError: its order is not that of dims).
 {eps}
     elementwise_affine : bool, default True
         Give the layer learnable ``weight`` (ones) and ``bias`` (zeros) of shape
