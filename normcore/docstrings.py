@@ -16,13 +16,13 @@ BLOCKS = {
         >= 0.""",
 
     "device_dtype": """\
-    device : None or "cpu", default None
+    device : None, "cpu" or torch.device("cpu"), default None
         Where the parameters and buffers live. normcore runs on the CPU: any other device
-        raises ValueError.
+        raises ValueError (keep torch's own layer for it).
     dtype : None, np.float32, np.float64, torch.float32 or torch.float64, default None
-        The dtype of the parameters, buffers and gradients; None means float32. torch's
-        dtypes are mapped to NumPy's when torch is installed; any other dtype raises
-        TypeError. It does not restrict the input's dtype.""",
+        The dtype of the parameters, buffers and gradients; None means float32, as torch.
+        torch's dtypes are read by name (normcore does not import torch); any other dtype
+        raises TypeError. It does not restrict the input's dtype.""",
 
     "channel_bias": """\
     bias : bool, default True, keyword-only

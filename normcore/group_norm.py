@@ -134,7 +134,6 @@ class GroupNorm(Module):
         self._saved = None
 
     def reset_parameters(self):
-        """Set ``weight`` back to ones and ``bias`` to zeros."""
         if self.affine:
             self.weight[...] = 1
             self.bias[...] = 0

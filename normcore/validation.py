@@ -63,9 +63,9 @@ def check_dtype_arg(dtype):
     Parameters
     ----------
     dtype : None, np.float32, np.float64, torch.float32 or torch.float64
-        What a layer's ``dtype`` argument may be: None means float32, and torch's float dtypes
-        are mapped to NumPy's (when torch is installed). Strings NumPy reads (``"float64"``)
-        work too.
+        What a layer's ``dtype`` argument may be: None means float32 (torch's default), and
+        torch's float dtypes are read by name, so torch is not imported. Strings NumPy reads
+        (``"float64"``) work too.
 
     Returns
     -------
