@@ -149,7 +149,7 @@ def check_eps(eps):
     Raises
     ------
     ValueError
-        `eps` is negative, infinite or NaN.
+        `eps` is negative, infinite or NaN, or an int beyond float's range.
     TypeError
         `eps` is not a real number (a bool, a str, None, ...).
 
@@ -189,7 +189,7 @@ def check_finite_real(value, name):
     TypeError
         `value` is not a real number.
     ValueError
-        `value` is infinite or NaN.
+        `value` is infinite or NaN, or an int beyond float's range.
 
     Examples
     --------
