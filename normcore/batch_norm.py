@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from normcore import grouped
+from normcore import docstrings, grouped
 from normcore.channel_norm import ChannelNorm, ForwardRecord, updated_running
 from normcore.module import write_arrays
 from normcore.registry import register_norm
@@ -98,22 +98,132 @@ class _BatchNorm(ChannelNorm):
         return y
 
 
+# The docstrings of BatchNorm1d / 2d / 3d: one template (arguments and attributes also serve
+# SyncBatchNorm's).
+_BATCH_NORM_PARAMETERS = docstrings.fill("""\
+    num_features : int
+        C, the number of channels (dim 1 of the input).
+{eps}
+    momentum : float or None, default 0.1
+        The weight of the batch statistics in the running ones, updated in training as
+        ``running = (1 - momentum) * running + momentum * batch``. None gives a cumulative
+        moving average (the plain mean of every batch so far): the weight is then
+        ``1 / num_batches_tracked``, this batch counted.
+    affine : bool, default True
+        Give the layer learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool, default True
+        Keep the buffers ``running_mean``, ``running_var`` and ``num_batches_tracked``,
+        updated in training and used in eval. False: no buffers (they are None), and batch
+        statistics in eval too.""")
+
+_BATCH_NORM_ATTRIBUTES = docstrings.fill("""\
+{affine_attributes}
+    running_mean, running_var : ndarray of shape (C,), or None
+        The running estimates of the mean and of the unbiased variance (zeros and ones at
+        construction); None without ``track_running_stats``.
+    num_batches_tracked : ndarray of shape () and dtype int64, or None
+        The number of training forwards so far; None without ``track_running_stats``.
+{training_grads}""")
+
+_BATCH_NORM_BLOCKS = {"parameters": _BATCH_NORM_PARAMETERS, "attributes": _BATCH_NORM_ATTRIBUTES}
+
+_BATCH_NORM_DOC = """Batch Normalization over {dims} input, as ``torch.nn.{name}``.
+
+    Every channel c is normalized with the mean and variance of its values over {over},
+    then scaled and shifted by the learnable per-channel ``weight`` (gamma) and ``bias``
+    (beta)::
+
+        y = (x - mean[c]) / sqrt(var[c] + eps) * weight[c] + bias[c]
+
+    where ``var`` is the biased variance (divided by the N * L values of the channel). In
+    training these are the batch's statistics; with ``track_running_stats`` the layer also
+    keeps running estimates of them, which eval uses instead (see Notes).
+
+    Parameters
+    ----------
+{parameters}
+{channel_options}
+
+    Attributes
+    ----------
+{attributes}
+
+    Shape
+    -----
+    - Input: {shape}, with C = num_features
+    - Output: {shape}, the input's shape (and dtype)
+
+    Raises
+    ------
+    ValueError
+        At forward: input that is not {dims}; a channel count other than ``num_features``
+        (checked when ``affine`` or ``track_running_stats``); with batch statistics, a single
+        value per channel ("Expected more than 1 value per channel when training") or
+        ``eps == 0`` ("batch_norm eps must be positive during training").
+{type_error}
+
+    Notes
+    -----
+    The modes, as torch's:
+
+    - training with ``track_running_stats=True``: batch statistics; the running ones are
+      updated (``running_var`` with the unbiased batch variance) and ``num_batches_tracked``
+      grows by one.
+    - eval with ``track_running_stats=True``: the running statistics; nothing is updated.
+    - ``track_running_stats=False``: batch statistics, in training and in eval.
+
+    Batch statistics need more than one value per channel and ``eps > 0``; these checks come
+    before any state is written (torch counts the batch before refusing it). A constant
+    channel normalizes to exactly ``bias``.
+
+{layer_rules}
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal({example_shape}).astype(np.float32)
+    >>> m = nc.{name}(3)             # training mode, tracking running statistics
+    >>> y = m(x)                          # batch statistics; the running ones are updated
+    >>> y.shape, y.dtype
+    ({example_shape}, dtype('float32'))
+    >>> bool(np.allclose(y.mean(axis={axes}), 0.0, atol=1e-5))
+    True
+    >>> int(m.num_batches_tracked), m.running_mean.shape
+    (1, (3,))
+    >>> dx = m.backward(np.ones_like(y))  # dx for the last forward; fills m.grads
+    >>> dx.shape, sorted(m.grads)
+    ({example_shape}, ['bias', 'weight'])
+    >>> y_eval = m.eval()(x)              # eval: the running statistics, nothing updated
+    >>> int(m.num_batches_tracked)
+    1
+    >>> sorted(m.state_dict())
+    ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
+    >>> nc.{name}(3, track_running_stats=False).running_mean is None
+    True
+    """
+
+
 @register_norm("batch_norm1d")
 class BatchNorm1d(_BatchNorm):
-    """BatchNorm over (N, C) or (N, C, L) input."""
+    __doc__ = docstrings.fill(
+        _BATCH_NORM_DOC, name="BatchNorm1d", dims="2D or 3D", shape="(N, C) or (N, C, L)", over="N and L",
+        example_shape="(4, 3, 5)", axes="(0, 2)", **_BATCH_NORM_BLOCKS)
 
     _dims = (2, 3)
 
 
 @register_norm("batch_norm2d")
 class BatchNorm2d(_BatchNorm):
-    """BatchNorm over (N, C, H, W) input."""
+    __doc__ = docstrings.fill(
+        _BATCH_NORM_DOC, name="BatchNorm2d", dims="4D", shape="(N, C, H, W)", over="N, H and W",
+        example_shape="(4, 3, 5, 5)", axes="(0, 2, 3)", **_BATCH_NORM_BLOCKS)
 
     _dims = (4,)
 
 
 @register_norm("batch_norm3d")
 class BatchNorm3d(_BatchNorm):
-    """BatchNorm over (N, C, D, H, W) input."""
+    __doc__ = docstrings.fill(
+        _BATCH_NORM_DOC, name="BatchNorm3d", dims="5D", shape="(N, C, D, H, W)", over="N, D, H and W",
+        example_shape="(2, 3, 2, 3, 3)", axes="(0, 2, 3, 4)", **_BATCH_NORM_BLOCKS)
 
     _dims = (5,)

@@ -49,12 +49,15 @@ class ChannelNorm(Module):
         self._saved = None
 
     def reset_running_stats(self):
+        """Set the running statistics back to their initial values: ``running_mean`` zeros,
+        ``running_var`` ones, ``num_batches_tracked`` 0 (nothing without them)."""
         if self.track_running_stats:
             self.running_mean[...] = 0
             self.running_var[...] = 1
             self.num_batches_tracked[...] = 0
 
     def reset_parameters(self):
+        """Reset the running statistics, and ``weight`` to ones and ``bias`` to zeros."""
         self.reset_running_stats()
         if self.weight is not None:
             self.weight[...] = 1

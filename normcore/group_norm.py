@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 
-from normcore import grouped
+from normcore import docstrings, grouped
 from normcore.channel_norm import ForwardRecord, backward_saved
 from normcore.module import Module
 from normcore.registry import register_norm
@@ -50,9 +50,76 @@ def group_norm_forward(x, num_groups, weight, bias, eps):
     return y, ForwardRecord(saved, x.shape, x.dtype, C)
 
 
+_GROUP_NORM_DOC = """Group Normalization over (N, C, *) input, as ``torch.nn.GroupNorm``.
+
+    The C channels are split into ``num_groups`` groups of C / num_groups consecutive channels;
+    every group of every sample is normalized with the mean and biased variance of its values
+    (its channels and all their positions), then every channel is scaled and shifted by its
+    ``weight`` and ``bias`` when ``affine``::
+
+        y[n, c] = (x[n, c] - mean[n, g(c)]) / sqrt(var[n, g(c)] + eps) * weight[c] + bias[c]
+
+    The statistics are the input's in training and in eval alike: there are no running
+    statistics and no buffers. ``num_groups=1`` normalizes each sample over all its values
+    (as LayerNorm over (C, *) with per-channel parameters); ``num_groups=C`` each channel of
+    each sample (as InstanceNorm). A constant group normalizes to exactly ``bias``.
+
+    Parameters
+    ----------
+    num_groups : int
+        The number of groups; it must divide ``num_channels``.
+    num_channels : int
+        C, the number of channels (dim 1 of the input).
+{eps}
+    affine : bool, default True
+        Give the layer learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+{channel_options}
+
+    Attributes
+    ----------
+{affine_attributes}
+{training_grads}
+
+    Shape
+    -----
+    - Input: (N, C, *), with C = num_channels and * any number of dims (zero included)
+    - Output: (N, C, *), the input's shape (and dtype)
+
+    Raises
+    ------
+    ValueError
+        At construction, ``num_channels`` not divisible by ``num_groups``. At forward: input
+        of fewer than 2 dims, or whose channel count is not divisible by ``num_groups``
+        ("Expected number of channels in input to be divisible by num_groups") or, with
+        ``affine``, differs from ``num_channels``; a batch of one sample whose groups hold
+        one value each (torch's "Expected more than 1 value per channel when training").
+{type_error}
+
+{layer_notes}
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((2, 6, 4, 4)).astype(np.float32)
+    >>> m = nc.GroupNorm(3, 6)             # 3 groups of 2 channels
+    >>> y = m(x)
+    >>> y.shape, y.dtype
+    ((2, 6, 4, 4), dtype('float32'))
+    >>> groups = y.reshape(2, 3, -1)       # (N, num_groups, values of a group)
+    >>> bool(np.allclose(groups.mean(axis=-1), 0.0, atol=1e-5))
+    True
+    >>> dx = m.backward(np.ones_like(y))   # dx for the last forward; fills m.grads
+    >>> sorted(m.grads), m.grads["weight"].shape
+    (['bias', 'weight'], (6,))
+    >>> nc.GroupNorm(4, 6)
+    Traceback (most recent call last):
+        ...
+    ValueError: num_channels (6) must be divisible by num_groups (4)
+    """
+
+
 @register_norm("group_norm")
 class GroupNorm(Module):
-    """GroupNorm(num_groups, num_channels): x (N, C, *) normalised per (n, group)."""
+    __doc__ = docstrings.fill(_GROUP_NORM_DOC)
 
     _parameter_names = ("weight", "bias")
 
@@ -82,6 +149,7 @@ class GroupNorm(Module):
         return f"GroupNorm({self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine})"
 
     def forward(self, x):
+        """y for x of shape (N, C, *), normalized per sample and group (see the class docstring)."""
         x = as_float_array(x)
         check_group_input(x, self.num_groups, self.weight)
         y, record = group_norm_forward(x, self.num_groups, self.weight, self.bias, self.eps)

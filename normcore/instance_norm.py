@@ -4,7 +4,7 @@ import warnings
 
 import numpy as np
 
-from normcore import grouped
+from normcore import docstrings, grouped
 from normcore.channel_norm import ChannelNorm, ForwardRecord, updated_running
 from normcore.module import write_arrays
 from normcore.registry import register_norm
@@ -108,22 +108,120 @@ class _InstanceNorm(ChannelNorm):
         return y.reshape(x.shape)
 
 
+# The docstrings of InstanceNorm1d / 2d / 3d: one template.
+_INSTANCE_NORM_DOC = """Instance Normalization over {dims} input, as ``torch.nn.{name}``.
+
+    Every instance, the {inner} values of one channel of one sample, is normalized with its
+    own mean and biased variance, then scaled and shifted by the per-channel ``weight`` and
+    ``bias`` when ``affine``::
+
+        y[n, c] = (x[n, c] - mean[n, c]) / sqrt(var[n, c] + eps) * weight[c] + bias[c]
+
+    Unbatched input {unbatched} is normalized as a batch of one. With
+    ``track_running_stats`` the layer keeps per-channel running statistics, which eval uses
+    instead (see Notes). The defaults differ from BatchNorm's: no affine parameters and no
+    running statistics.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels of an input {shape} or {unbatched}.
+{eps}
+    momentum : float or None, default 0.1
+        With ``track_running_stats``, the weight of the batch in the running statistics:
+        ``running = (1 - momentum) * running + momentum * batch``. None is taken as 0, as
+        torch does: the running statistics then keep their initial values.
+    affine : bool, default False
+        Give the layer learnable per-channel ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : bool, default False
+        Keep the buffers ``running_mean`` and ``running_var``, updated in training and used in
+        eval (and ``num_batches_tracked``, for torch's state-dict keys: InstanceNorm never
+        counts).
+{channel_options}
+
+    Attributes
+    ----------
+{affine_attributes}
+    running_mean, running_var : ndarray of shape (C,), or None
+        The running estimates (zeros and ones at construction); None without
+        ``track_running_stats``.
+    num_batches_tracked : ndarray of shape () and dtype int64, or None
+        Always 0; None without ``track_running_stats``.
+{training_grads}
+
+    Shape
+    -----
+    - Input: {shape} or {unbatched}
+    - Output: the input's shape (and dtype)
+
+    Raises
+    ------
+    ValueError
+        At forward: input that is neither {dims} nor {unbatched_dims}; a channel count other
+        than ``num_features`` when ``affine`` or ``track_running_stats`` (otherwise a
+        UserWarning, as torch); with instance statistics, a single value per instance
+        ("Expected more than 1 spatial element when training").
+{type_error}
+
+    Notes
+    -----
+    The modes, as torch's:
+
+    - training, and any mode with ``track_running_stats=False``: instance statistics. In
+      training with ``track_running_stats``, the running statistics are updated with the
+      mean over the batch of the instance means and of the instances' unbiased variances.
+    - eval with ``track_running_stats=True``: the per-channel running statistics normalize
+      every instance; nothing is updated.
+
+    With ``eps=0``, an instance of variance 0 gives ``bias`` (0 without ``affine``) and zero
+    gradients, as torch (its 1 / sqrt(var + eps) is 0 there), not NaN. A constant instance
+    normalizes to exactly ``bias`` for any ``eps``.
+
+{layer_rules}
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal({example_shape}).astype(np.float32)
+    >>> m = nc.{name}(3)                 # no parameters, no running statistics
+    >>> y = m(x)
+    >>> y.shape, y.dtype
+    ({example_shape}, dtype('float32'))
+    >>> bool(np.allclose(y.mean(axis={axes}), 0.0, atol=1e-5))  # per (sample, channel)
+    True
+    >>> m(x[0]).shape                            # unbatched
+    {unbatched_example}
+    >>> m = nc.{name}(3, affine=True, track_running_stats=True)
+    >>> dx = m.backward(np.ones_like(m(x)))      # dx for the last forward; fills m.grads
+    >>> sorted(m.grads), sorted(m.state_dict())
+    (['bias', 'weight'], ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight'])
+    >>> y_eval = m.eval()(x)                     # eval: the running statistics
+    """
+
+
 @register_norm("instance_norm1d")
 class InstanceNorm1d(_InstanceNorm):
-    """InstanceNorm over (N, C, L) or (C, L) input."""
+    __doc__ = docstrings.fill(
+        _INSTANCE_NORM_DOC, name="InstanceNorm1d", dims="3D", unbatched_dims="2D", shape="(N, C, L)",
+        unbatched="(C, L)", inner="L", example_shape="(4, 3, 5)", axes="2", unbatched_example="(3, 5)")
 
     _no_batch_dim = 2
 
 
 @register_norm("instance_norm2d")
 class InstanceNorm2d(_InstanceNorm):
-    """InstanceNorm over (N, C, H, W) or (C, H, W) input."""
+    __doc__ = docstrings.fill(
+        _INSTANCE_NORM_DOC, name="InstanceNorm2d", dims="4D", unbatched_dims="3D", shape="(N, C, H, W)",
+        unbatched="(C, H, W)", inner="H * W", example_shape="(4, 3, 5, 5)", axes="(2, 3)",
+        unbatched_example="(3, 5, 5)")
 
     _no_batch_dim = 3
 
 
 @register_norm("instance_norm3d")
 class InstanceNorm3d(_InstanceNorm):
-    """InstanceNorm over (N, C, D, H, W) or (C, D, H, W) input."""
+    __doc__ = docstrings.fill(
+        _INSTANCE_NORM_DOC, name="InstanceNorm3d", dims="5D", unbatched_dims="4D", shape="(N, C, D, H, W)",
+        unbatched="(C, D, H, W)", inner="D * H * W", example_shape="(2, 3, 2, 3, 3)", axes="(2, 3, 4)",
+        unbatched_example="(3, 2, 3, 3)")
 
     _no_batch_dim = 4

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from normcore import docstrings
 from normcore._kernels.layer_rows import layer_backward, layer_forward
 from normcore.module import Module
 from normcore.registry import register_norm
@@ -107,9 +108,78 @@ def layer_norm_backward(dy, saved):
     return dx2.reshape(saved.shape), dweight, dbias
 
 
+_LAYER_NORM_DOC = """Layer Normalization over the trailing dims of the input, as ``torch.nn.LayerNorm``.
+
+    Every row, the values of the last ``len(normalized_shape)`` dims of one index of the
+    leading dims, is normalized with its own mean and biased variance, then scaled and shifted
+    element-wise by ``weight`` and ``bias``, arrays of shape ``normalized_shape``::
+
+        y[i] = (x[i] - mean[i]) / sqrt(var[i] + eps) * weight + bias
+
+    where ``x[i]`` has shape ``normalized_shape``. The statistics are the input's in training
+    and in eval alike: there are no running statistics and no buffers. A constant row
+    normalizes to exactly ``bias``.
+
+    Parameters
+    ----------
+    normalized_shape : int or sequence of ints
+        The shape of the trailing dims to normalize over: an int d for the last dim (of size
+        d), or a tuple, list, torch.Size or 1-D integer array for several (a set, dict or
+        str raises TypeError: its order is not that of dims).
+{eps}
+    elementwise_affine : bool, default True
+        Give the layer learnable ``weight`` (ones) and ``bias`` (zeros) of shape
+        ``normalized_shape``.
+    bias : bool, default True
+        With ``elementwise_affine=True``, False gives a ``weight`` but no ``bias``
+        (``bias`` is None). No effect without ``elementwise_affine``.
+{device_dtype}
+
+    Attributes
+    ----------
+    normalized_shape : tuple of ints
+        The trailing shape, as a tuple.
+    weight, bias : ndarray of shape normalized_shape, or None
+        The learnable parameters: None without ``elementwise_affine`` (``bias`` also with
+        ``bias=False``).
+{training_grads}
+
+    Shape
+    -----
+    - Input: (*, *normalized_shape), any leading dims (none included)
+    - Output: the input's shape (and dtype)
+
+    Raises
+    ------
+    ValueError
+        At construction, an empty or negative ``normalized_shape``. At forward: input whose
+        trailing dims are not ``normalized_shape`` ("Given normalized_shape=[...], expected
+        input with shape [*, ...]").
+{type_error}
+
+{layer_notes}
+
+    Examples
+    --------
+    >>> x = np.random.default_rng(0).standard_normal((2, 5, 8))
+    >>> m = nc.LayerNorm(8)                # over the last dim; weight and bias (8,)
+    >>> y = m(x)
+    >>> y.shape, y.dtype, m.weight.dtype   # the output has the input's dtype
+    ((2, 5, 8), dtype('float64'), dtype('float32'))
+    >>> bool(np.allclose(y.mean(axis=-1), 0.0) and np.allclose(y.var(axis=-1), 1.0, atol=1e-3))
+    True
+    >>> dx = m.backward(np.ones_like(y))   # dx for the last forward; fills m.grads
+    >>> sorted(m.grads), m.grads["weight"].shape
+    (['bias', 'weight'], (8,))
+    >>> m2 = nc.LayerNorm((5, 8), elementwise_affine=False)   # over the last two dims
+    >>> m2(x).shape, m2.weight is None, m2.state_dict()
+    ((2, 5, 8), True, {{}})
+    """
+
+
 @register_norm("layer_norm")
 class LayerNorm(Module):
-    """LayerNorm(normalized_shape): x (*, *normalized_shape) normalised over the trailing dims."""
+    __doc__ = docstrings.fill(_LAYER_NORM_DOC)
 
     _parameter_names = ("weight", "bias")
 
@@ -127,6 +197,7 @@ class LayerNorm(Module):
         self._saved = None
 
     def reset_parameters(self):
+        """Set ``weight`` back to ones and ``bias`` to zeros."""
         if self.weight is not None:
             self.weight[...] = 1
         if self.bias is not None:
@@ -137,6 +208,7 @@ class LayerNorm(Module):
                 f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None})")
 
     def forward(self, x):
+        """y for x of shape (*, *normalized_shape), each row normalized (see the class docstring)."""
         x = as_float_array(x)
         check_layer_input(x, self.normalized_shape, self.weight, self.bias)
         y, saved = layer_norm_forward(x, self.normalized_shape, self.weight, self.bias, self.eps)

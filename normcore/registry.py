@@ -42,22 +42,73 @@ _SHIPPED_PLUGINS = ("normcore.plugins.switchable",)
 
 
 class RegistryError(Exception):
-    """Base class of the registry's errors."""
+    """Base class of the registry's errors: catch it to catch any of them.
+
+    Each subclass is also the built-in exception its case is usually caught as:
+    UnknownNormError a KeyError, DuplicateNormError a ValueError, PluginLoadError an
+    ImportError.
+
+    Examples
+    --------
+    >>> try:
+    ...     nc.get_norm("no_such_norm")
+    ... except nc.RegistryError as error:
+    ...     print(type(error).__name__)
+    UnknownNormError
+    """
 
 
 class UnknownNormError(RegistryError, KeyError):
-    """No norm is registered under that name."""
+    """No norm is registered under that name (raised by ``get_norm`` and ``create_norm``).
+
+    The message names the close matches and every available name. A subclass of KeyError
+    (its ``str`` is the message itself, without KeyError's quotes).
+
+    Examples
+    --------
+    >>> try:
+    ...     nc.get_norm("batch_nrom2d")
+    ... except nc.UnknownNormError as error:
+    ...     print(error)
+    no norm named 'batch_nrom2d'. Did you mean 'batch_norm2d'...? Available: batch_norm1d, ...
+    """
 
     def __str__(self):  # KeyError would show the message with quotes around it
         return str(self.args[0]) if self.args else ""
 
 
 class DuplicateNormError(RegistryError, ValueError):
-    """The name is taken (and override=False)."""
+    """The name is taken by another class (and ``override=False``); raised by ``register_norm``.
+
+    The message names both classes; the refused registration changes nothing. A subclass of
+    ValueError.
+
+    Examples
+    --------
+    >>> try:
+    ...     @nc.register_norm("batch_norm2d")
+    ...     class MyNorm(nc.Module):
+    ...         pass
+    ... except nc.DuplicateNormError as error:
+    ...     print(error)
+    cannot register ...MyNorm as 'batch_norm2d': the name is taken by normcore.batch_norm.BatchNorm2d ...
+    >>> nc.get_norm("batch_norm2d") is nc.BatchNorm2d
+    True
+    """
 
 
 class PluginLoadError(RegistryError, ImportError):
-    """A plugin's entry point could not be loaded."""
+    """A plugin's entry point could not be loaded, or does not give an nc.Module subclass.
+
+    Raised by ``get_norm`` / ``create_norm`` for the name of an entry point (group
+    ``normcore.norms``) whose module fails to import; chained to the cause (``__cause__``).
+    Every other lookup keeps working. A subclass of ImportError.
+
+    Examples
+    --------
+    >>> issubclass(nc.PluginLoadError, ImportError)
+    True
+    """
 
 
 def canonical(name):
@@ -212,6 +263,42 @@ def register_norm(name, *, aliases=(), override=False):
 
     A taken name raises DuplicateNormError naming both owners, unless override=True; a refused
     registration changes nothing. A class that is not an nc.Module subclass raises TypeError.
+    Names are looked up with case, ``_`` and ``-`` ignored; ``list_norms()`` shows `name`,
+    not the aliases. Registering the same class again under its names is allowed.
+
+    Parameters
+    ----------
+    name : str
+        The norm's name (with a letter or digit).
+    aliases : str or sequence of str, default ()
+        More names for the same class, keyword-only.
+    override : bool, default False
+        Replace whatever is registered under these names, keyword-only.
+
+    Returns
+    -------
+    callable
+        The decorator; it returns the class unchanged.
+
+    Raises
+    ------
+    DuplicateNormError
+        A name is taken by another class (and ``override=False``).
+    TypeError
+        `name` is not a str, or the decorated object is not an nc.Module subclass.
+    ValueError
+        A name without letters or digits, or names that repeat one another.
+
+    Examples
+    --------
+    >>> @nc.register_norm("scaled_identity", aliases=("scaled-id",))
+    ... class ScaledIdentity(nc.Module):
+    ...     def forward(self, x):
+    ...         return 2.0 * x
+    >>> nc.get_norm("ScaledId") is ScaledIdentity
+    True
+    >>> nc.create_norm("scaled_identity")(np.ones(2)).tolist()
+    [2.0, 2.0]
     """
     canonical(name)
 
@@ -223,16 +310,86 @@ def register_norm(name, *, aliases=(), override=False):
 
 def get_norm(name):
     """The class registered as `name` (case, '_' and '-' ignored). UnknownNormError names the
-    close matches and the available names."""
+    close matches and the available names.
+
+    Looks in the built-ins, then the plugins shipped in ``normcore.plugins`` (imported on the
+    first lookup that needs them), then the entry points of the group ``normcore.norms``
+    (a plugin's module is imported only when its name is asked for).
+
+    Parameters
+    ----------
+    name : str
+        The name, e.g. ``"BatchNorm2d"``, ``"batch_norm2d"`` or ``"batch-norm-2d"``.
+
+    Returns
+    -------
+    type
+        The nc.Module subclass.
+
+    Raises
+    ------
+    UnknownNormError
+        No norm has that name.
+    PluginLoadError
+        The name is that of an entry point that fails to load.
+    TypeError
+        `name` is not a str.
+
+    Examples
+    --------
+    >>> nc.get_norm("BatchNorm2d") is nc.get_norm("batch-norm-2d") is nc.BatchNorm2d
+    True
+    >>> nc.get_norm("switchable_norm2d").__name__      # a shipped plugin
+    'SwitchableNorm2d'
+    """
     return _registry.get(name)
 
 
 def create_norm(name, *args, **kwargs):
-    """An instance of the norm registered as `name`: ``get_norm(name)(*args, **kwargs)``."""
+    """An instance of the norm registered as `name`: ``get_norm(name)(*args, **kwargs)``.
+
+    Parameters
+    ----------
+    name : str
+        The norm's name (case, ``_`` and ``-`` ignored).
+    *args, **kwargs
+        The arguments of the class's constructor.
+
+    Returns
+    -------
+    Module
+        The new layer.
+
+    Raises
+    ------
+    UnknownNormError, PluginLoadError, TypeError
+        As ``get_norm``; and whatever the constructor raises.
+
+    Examples
+    --------
+    >>> m = nc.create_norm("group-norm", 4, 16)        # nc.GroupNorm(4, 16)
+    >>> type(m).__name__, m.num_groups, m.num_channels
+    ('GroupNorm', 4, 16)
+    """
     return get_norm(name)(*args, **kwargs)
 
 
 def list_norms():
     """Sorted names of every norm: built-in, shipped plugins and third-party entry points
-    (whose modules are not imported)."""
+    (whose modules are not imported).
+
+    Each class appears under the name it was registered with (not its aliases). The entry
+    points are read again at every call, so a plugin installed after ``import normcore`` is
+    listed.
+
+    Returns
+    -------
+    list of str
+
+    Examples
+    --------
+    >>> names = nc.list_norms()
+    >>> "batch_norm2d" in names, "switchable_norm2d" in names, names == sorted(names)
+    (True, True, True)
+    """
     return _registry.names()

@@ -26,8 +26,8 @@ import math
 
 import numpy as np
 
-from normcore import toolkit
-from normcore.batch_norm import _BatchNorm, check_training_eps
+from normcore import docstrings, toolkit
+from normcore.batch_norm import _BATCH_NORM_ATTRIBUTES, _BATCH_NORM_PARAMETERS, _BatchNorm, check_training_eps
 from normcore.channel_norm import ChannelNorm
 from normcore.module import write_arrays
 from normcore.registry import register_norm
@@ -79,12 +79,82 @@ class SyncRecord:
         self.weight = weight  # a float64 copy made at forward (backward differentiates that forward)
 
 
+_SYNC_BATCH_NORM_DOC = """Batch Normalization over the batches of all MPI ranks, as ``torch.nn.SyncBatchNorm``.
+
+    In data-parallel training every process (rank) holds a slice of the batch. In training,
+    SyncBatchNorm gives every rank the output, running statistics and parameter gradients of
+    one BatchNorm over the concatenated batch, bitwise the same on every rank: forward gathers
+    each rank's per-channel (count, mean, M2) with one Allgather and every rank merges them in
+    rank order (Chan's formula); backward gathers the per-channel sums of ``dy`` and
+    ``dy * (x - mean)`` the same way, and ``grads`` are the global sums. Ranks may hold
+    different batch sizes, zero included. Eval, and batch statistics outside training (with
+    ``track_running_stats=False``), are local: a BatchNorm of the rank's slice. mpi4py is imported when a SyncBatchNorm is made, not by ``import normcore``.
+
+    Parameters
+    ----------
+{parameters}
+    comm : mpi4py.MPI.Comm or None, default None
+        The communicator whose ranks share the batch (torch's ``process_group``); None means
+        ``MPI.COMM_WORLD``.
+{channel_options}
+
+    Attributes
+    ----------
+{attributes}
+    comm : mpi4py.MPI.Comm
+        The communicator.
+
+    Shape
+    -----
+    - Input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W), N this rank's share of the
+      batch (0 allowed) and C = num_features
+    - Output: the input's shape (and dtype)
+
+    Raises
+    ------
+    ImportError
+        At construction, mpi4py cannot be imported (``pip install mpi4py mpich``, the "mpi"
+        extra).
+    TypeError
+        At construction, ``comm`` is not an mpi4py communicator; at forward, input of another
+        dtype than float32 or float64.
+    ValueError
+        At forward, as BatchNorm's: input of fewer than 2 or more than 5 dims, a channel count
+        other than ``num_features``, ``eps == 0`` in training, or a single value per channel
+        over all the ranks' batches.
+    RuntimeError
+        In training, another rank refused its input or ``dy``: every rank raises (the refusing
+        rank its own error) instead of waiting forever in the collective, and none changes any
+        state.
+
+    Notes
+    -----
+    Every rank must call forward and backward the same number of times, in the same mode.
+    What crosses the network per layer and step: forward one Allgather of 2 * C + 2 float64
+    per rank (a flag, the count, C means, C sums of squares), backward one of 2 * C + 1.
+    Merging the gathered numbers in rank order on every rank makes the result independent of
+    the MPI library and its reduction tree. The mode rules and momentum are BatchNorm's (see
+    ``nc.BatchNorm2d``). Convert an existing layer with ``SyncBatchNorm.from_batch_norm``.
+
+    Examples
+    --------
+    Run with ``mpiexec -n 4 python train.py``; each rank normalizes its slice with the
+    statistics of the four slices:
+
+    >>> from mpi4py import MPI                                  # doctest: +SKIP
+    >>> rank = MPI.COMM_WORLD.Get_rank()                        # doctest: +SKIP
+    >>> x = np.random.default_rng(rank).standard_normal((8, 16, 7, 7))  # doctest: +SKIP
+    >>> m = nc.SyncBatchNorm(16)                                # doctest: +SKIP
+    >>> y = m(x)                                                # doctest: +SKIP
+    >>> dx = m.backward(np.ones_like(y))  # m.grads: global sums  # doctest: +SKIP
+    >>> m = nc.SyncBatchNorm.from_batch_norm(nc.BatchNorm2d(16))  # doctest: +SKIP
+    """
+
+
 @register_norm("sync_batch_norm")
 class SyncBatchNorm(_BatchNorm):
-    """BatchNorm over (N, C) / (N, C, L) / (N, C, H, W) / (N, C, D, H, W) input with the
-    statistics of the batch of all ranks of `comm` (an mpi4py communicator; default
-    MPI.COMM_WORLD) in training. Parameters, buffers and the other arguments are those of
-    nc.BatchNorm2d; ranks may hold different batch sizes, zero included."""
+    __doc__ = docstrings.fill(_SYNC_BATCH_NORM_DOC, parameters=_BATCH_NORM_PARAMETERS,
+                              attributes=_BATCH_NORM_ATTRIBUTES)
 
     _dims = (2, 3, 4, 5)
 
@@ -100,7 +170,32 @@ class SyncBatchNorm(_BatchNorm):
 
     @classmethod
     def from_batch_norm(cls, bn, comm=None):
-        """A SyncBatchNorm with bn's arguments, mode and copies of its parameters and buffers."""
+        """A SyncBatchNorm with bn's arguments, mode and copies of its parameters and buffers.
+
+        As torch's ``SyncBatchNorm.convert_sync_batchnorm`` does for each BatchNorm of a model.
+
+        Parameters
+        ----------
+        bn : BatchNorm1d, BatchNorm2d or BatchNorm3d
+            The layer to convert; it is left as it is.
+        comm : mpi4py.MPI.Comm or None, default None
+            The communicator (None: ``MPI.COMM_WORLD``).
+
+        Returns
+        -------
+        SyncBatchNorm
+
+        Raises
+        ------
+        TypeError
+            `bn` is not a normcore BatchNorm1d, BatchNorm2d or BatchNorm3d.
+
+        Examples
+        --------
+        >>> sync = nc.SyncBatchNorm.from_batch_norm(nc.BatchNorm2d(16).eval())  # doctest: +SKIP
+        >>> sync.training                                                      # doctest: +SKIP
+        False
+        """
         if not isinstance(bn, ChannelNorm) or not isinstance(bn, _BatchNorm):
             raise TypeError(f"from_batch_norm expects a normcore BatchNorm1d/2d/3d, got {type(bn).__name__}")
         sync = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, comm=comm,
@@ -114,6 +209,9 @@ class SyncBatchNorm(_BatchNorm):
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x):
+        """y for this rank's slice x (N, C, *). In training, with the statistics of every rank's
+        slice (a collective every rank must join) and the running statistics updated; in eval,
+        local, as BatchNorm."""
         if not self.training:
             return super().forward(x)  # eval: local, as BatchNorm
         C = self.num_features
@@ -198,6 +296,8 @@ class SyncBatchNorm(_BatchNorm):
 
     # -- backward ----------------------------------------------------------------------------
     def backward(self, dy):
+        """dx for the last forward; after a training forward, a collective every rank must join,
+        and ``grads`` are the sums over every rank's slice."""
         saved = self._require_forward()
         if not isinstance(saved, SyncRecord):
             return super().backward(dy)  # the last forward was local (eval)

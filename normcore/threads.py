@@ -62,7 +62,26 @@ def set_num_threads(n):
 
 def get_num_threads():
     """The number of threads the next kernel call will use: the ``set_num_threads`` value, or
-    OpenMP's default for the calling thread (at most ``MAX_THREADS``)."""
+    OpenMP's default for the calling thread (at most ``MAX_THREADS``).
+
+    Returns
+    -------
+    int
+        From 1 to ``MAX_THREADS`` (kernels built without OpenMP run serially whatever it
+        is: see ``openmp_enabled``).
+
+    Warns
+    -----
+    RuntimeWarning
+        Once, when OpenMP's default is above ``MAX_THREADS`` and is clamped to it.
+
+    Examples
+    --------
+    >>> import normcore as nc
+    >>> n = nc.get_num_threads()     # set_num_threads's value, or OpenMP's default
+    >>> 1 <= n <= nc.threads.MAX_THREADS
+    True
+    """
     global _warned_clamp
     if _requested is not None:
         return _requested
@@ -78,6 +97,10 @@ def get_num_threads():
 
 def openmp_enabled():
     """True when the kernels were built with OpenMP (otherwise they always run serially).
+
+    Returns
+    -------
+    bool
 
     Examples
     --------

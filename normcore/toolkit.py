@@ -47,7 +47,38 @@ __all__ = ["as_float_array", "check_grad_output", "check_positive_int", "check_e
 
 
 def as_rows(x, name="x"):
-    """x (N, C, *) as a C-contiguous [N*C, L] float array (a view when x is C-contiguous), and (N, C, L)."""
+    """x (N, C, *) as a C-contiguous [N*C, L] float array (a view when x is C-contiguous), and (N, C, L).
+
+    Row ``n * C + c`` holds the L = prod(x.shape[2:]) values of sample n, channel c: the
+    view of an array that every toolkit kernel works on.
+
+    Parameters
+    ----------
+    x : array_like
+        (N, C, *), float32 or float64, at least 2 dims, any memory layout.
+    name : str, default "x"
+        What to call `x` in error messages.
+
+    Returns
+    -------
+    rows : ndarray of shape (N * C, L)
+        `x`'s values as rows: a view of `x` when it is C-contiguous, else a contiguous copy.
+    sizes : tuple of ints
+        (N, C, L).
+
+    Raises
+    ------
+    TypeError
+        `x` is not a float32 or float64 array.
+    ValueError
+        `x` has fewer than 2 dims.
+
+    Examples
+    --------
+    >>> rows, (N, C, L) = nc.toolkit.as_rows(np.zeros((2, 3, 4, 5)))
+    >>> rows.shape, (N, C, L)
+    ((6, 20), (2, 3, 20))
+    """
     x = as_float_array(x, name)
     if x.ndim < 2:
         raise ValueError(f"{name} must have at least 2 dimensions (N, C, *), got {x.ndim}")
@@ -78,7 +109,37 @@ def row_moments(x):
     """Per-row mean and M2 = sum((x - mean)^2) of x (N, C, *), float64 arrays of shape (N, C).
 
     The count of every row is L = prod(x.shape[2:]) (>= 1): the biased variance is m2 / L,
-    the unbiased one m2 / (L - 1)."""
+    the unbiased one m2 / (L - 1). One pass over `x`, accumulated in float64 from values
+    shifted by a value of the row and merged with Chan's formula: accurate also when
+    |mean| >> std. Merge rows into the statistics of a group (a channel over the batch, a
+    group of channels) with the same formula on these (N, C) arrays.
+
+    Parameters
+    ----------
+    x : array_like
+        (N, C, *), float32 or float64, rows of at least one value.
+
+    Returns
+    -------
+    mean : ndarray of shape (N, C), float64
+        The mean of each row.
+    m2 : ndarray of shape (N, C), float64
+        The sum of squared deviations from the mean of each row.
+
+    Raises
+    ------
+    TypeError
+        `x` is not a float32 or float64 array.
+    ValueError
+        `x` has fewer than 2 dims, or empty rows (a 0 in ``x.shape[2:]`` with N * C > 0).
+
+    Examples
+    --------
+    >>> x = np.array([[[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]])    # N=1, C=2, L=3
+    >>> mean, m2 = nc.toolkit.row_moments(x)
+    >>> mean.tolist(), m2.tolist()
+    ([[2.0, 5.0]], [[2.0, 0.0]])
+    """
     x2, (N, C, L) = as_rows(x)
     if L == 0 and N * C:
         raise ValueError("row_moments needs rows of at least one value (x.shape[2:] holds a 0)")
@@ -92,7 +153,41 @@ def row_grad_sums(x, dy, center):
     """Per-row sum(dy) and sum(dy * (x - center)), float64 arrays of shape (N, C).
 
     Centering on the statistics' mean (the row mean, or the mean the forward used) keeps the
-    second sum accurate when |mean| >> std."""
+    second sum accurate when |mean| >> std. These two sums are all that the backward of a
+    normalization needs from a pass over `x` and `dy`.
+
+    Parameters
+    ----------
+    x : array_like
+        (N, C, *), float32 or float64: the forward's input.
+    dy : array_like
+        The gradient with respect to the forward's output, of `x`'s shape (cast to its dtype).
+    center : float or array_like of shape (C,) or (N, C)
+        What is subtracted from `x`: one value for all rows, one per channel or one per row.
+
+    Returns
+    -------
+    s_dy : ndarray of shape (N, C), float64
+        sum(dy) of each row.
+    s_dyxc : ndarray of shape (N, C), float64
+        sum(dy * (x - center)) of each row.
+
+    Raises
+    ------
+    TypeError
+        `x` or `dy` is not a float32 or float64 array.
+    ValueError
+        `dy` does not have `x`'s shape, `x` has fewer than 2 dims, or `center` has another
+        shape than those above.
+
+    Examples
+    --------
+    >>> x = np.array([[[1.0, 2.0, 3.0]]])
+    >>> dy = np.array([[[1.0, 1.0, 2.0]]])
+    >>> s_dy, s_dyxc = nc.toolkit.row_grad_sums(x, dy, 2.0)   # 1*(-1) + 1*0 + 2*1
+    >>> s_dy.tolist(), s_dyxc.tolist()
+    ([[4.0]], [[1.0]])
+    """
     shape = np.shape(x)
     x2, (N, C, L) = as_rows(x)
     dy = as_float_array(dy, "dy")
@@ -115,7 +210,41 @@ def apply_rows(x, center, scale, shift, out=None):
 
     Computed in x's dtype with the center split in two parts of that type, so a row equal to
     its center maps exactly to its shift. `out` may be given (x's shape and dtype, C-contiguous;
-    it may be x itself)."""
+    it may be x itself). The apply step of every normalization's forward, in one pass.
+
+    Parameters
+    ----------
+    x : array_like
+        (N, C, *), float32 or float64.
+    center, scale, shift : float or array_like of shape (C,) or (N, C)
+        The coefficients: one value for all rows, one per channel or one per row (float64,
+        for the built-ins the mean, ``rstd * weight`` and ``bias``).
+    out : ndarray or None, default None
+        Where to write y.
+
+    Returns
+    -------
+    ndarray
+        y (`out` when given), of `x`'s shape and dtype.
+
+    Raises
+    ------
+    TypeError
+        `x` is not a float32 or float64 array.
+    ValueError
+        A coefficient of another shape than those above, `x` of fewer than 2 dims, or an
+        `out` that is not a writeable C-contiguous array of `x`'s shape and dtype.
+
+    Examples
+    --------
+    Per-row normalization from ``row_moments``:
+
+    >>> x = np.array([[[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]]])
+    >>> mean, m2 = nc.toolkit.row_moments(x)
+    >>> rstd = 1.0 / np.sqrt(m2 / 3 + 1e-5)
+    >>> nc.toolkit.apply_rows(x, mean, rstd, 0.0).round(4).tolist()
+    [[[-1.2247, 0.0, 1.2247], [0.0, 0.0, 0.0]]]
+    """
     x2, (N, C, L) = as_rows(x)
     shape = np.shape(x)
     (c, s, b), period = _same_period(N, C, _coefficients(center, N, C, "center"),
@@ -128,7 +257,39 @@ def apply_rows(x, center, scale, shift, out=None):
 
 def apply_rows_backward(dy, x, a, center, b, c, out=None):
     """dx = a * dy + b * (x - center) + c, coefficients per row, computed in float64 and
-    rounded once to x's dtype (the form of every normalization's input gradient)."""
+    rounded once to x's dtype (the form of every normalization's input gradient).
+
+    Parameters
+    ----------
+    dy : array_like
+        The gradient with respect to the forward's output, of `x`'s shape (cast to its dtype).
+    x : array_like
+        (N, C, *), float32 or float64: the forward's input.
+    a, center, b, c : float or array_like of shape (C,) or (N, C)
+        The coefficients: one value for all rows, one per channel or one per row.
+    out : ndarray or None, default None
+        Where to write dx: a writeable C-contiguous array of `x`'s shape and dtype.
+
+    Returns
+    -------
+    ndarray
+        dx (`out` when given), of `x`'s shape and dtype.
+
+    Raises
+    ------
+    TypeError
+        `x` or `dy` is not a float32 or float64 array.
+    ValueError
+        `dy` does not have `x`'s shape, a coefficient has another shape than those above,
+        or `out` does not fit.
+
+    Examples
+    --------
+    >>> x = np.array([[[1.0, 2.0, 3.0]]])
+    >>> dx = nc.toolkit.apply_rows_backward(np.ones_like(x), x, 2.0, 2.0, 0.5, 1.0)
+    >>> dx.tolist()                                  # 2 * 1 + 0.5 * (x - 2) + 1
+    [[[2.5, 3.0, 3.5]]]
+    """
     x2, (N, C, L) = as_rows(x)
     shape = np.shape(x)
     dy = as_float_array(dy, "dy")

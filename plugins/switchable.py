@@ -160,6 +160,7 @@ class _SwitchableNorm(nc.Module):
         return x
 
     def forward(self, x):
+        """y for x (see the class docstring); in training with BN, the running statistics are updated."""
         x = self._check_input(x)
         N, C = x.shape[:2]
         L = math.prod(x.shape[2:])
@@ -194,6 +195,7 @@ class _SwitchableNorm(nc.Module):
         return y
 
     def backward(self, dy):
+        """dx for the last forward; fills grads for weight, bias, mean_weight and var_weight."""
         s, x, dy = self._saved_forward(dy)
         N, C = x.shape[:2]
         L = s["L"]
@@ -223,9 +225,117 @@ class _SwitchableNorm(nc.Module):
         return dx
 
 
+# The docstrings of SwitchableNorm1d / 2d / 3d: one template.
+_SWITCHABLE_NORM_DOC = """Switchable Normalization (Luo et al., 2018) over {dims} input.
+
+    Every value is normalized with a learned mix of {sources} statistics, then scaled and
+    shifted by the per-channel ``weight`` and ``bias``, with the algorithm of the paper's
+    released code (its checkpoints give the same outputs)::
+
+        mean = sum_k softmax(mean_weight)[k] * mean_k,  var = sum_k softmax(var_weight)[k] * var_k
+        y = (x - mean) / sqrt(var + eps) * weight + bias
+
+    with k over {sources_list}. {statistics}
+
+    In training the BN statistics are the batch's (and the running ones are updated); in
+    eval they are the running buffers, while the other statistics still come from the input.
+    ``backward`` differentiates through every statistic (the BN ones are not detached) and
+    the softmax, and fills ``grads`` for the four parameters.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the number of channels (dim 1 of the input).
+    eps : float, default 1e-5
+        Added to the mixed variance under the square root (finite, >= 0).
+    momentum : float or None, default None
+        The fraction of the running statistics kept at each training step, in [0, 1]:
+        ``running = momentum * running + (1 - momentum) * batch`` (note: the opposite of
+        torch's BatchNorm momentum). None means {default_momentum}, the released code's default.
+    using_moving_average : bool, default True
+        Update the running statistics as a moving average. False: add each batch's into them
+        instead, ``running_mean += mean_bn`` and ``running_var += mean_bn ** 2 + var_bn``
+        (the released code's accumulation, to be divided by the number of batches after).
+    using_bn : bool, default True
+        Mix in BN statistics (and keep running buffers). False: {sources_without_bn} only.
+    last_gamma : bool, default False
+        Start ``weight`` at zeros instead of ones (for the last norm of a residual block).
+    population_variance : bool, default False
+        Use the biased variance (divided by the count) instead of the unbiased one for
+        {variances}.
+    dtype : np.float32 or np.float64, default np.float32
+        The dtype of the parameters, buffers and gradients.
+
+    Attributes
+    ----------
+    weight, bias : ndarray of shape (C,)
+        The per-channel scale and shift.
+    mean_weight, var_weight : ndarray of shape ({n_sources},), or ({n_sources_without_bn},) without ``using_bn``
+        The logits of the mixing weights of the means and of the variances, in the order
+        {sources_list} (ones at construction: equal weights).
+    running_mean, running_var : ndarray of shape (C,), or None
+        The running BN statistics (zeros at construction, both); None without ``using_bn``.
+    training : bool
+        True after construction and ``train()``, False after ``eval()``.
+    grads : dict
+        ``weight``, ``bias``, ``mean_weight`` and ``var_weight`` -> their gradients, set by
+        ``backward``.
+
+    Shape
+    -----
+    - Input: {shape}, with C = num_features
+    - Output: the input's shape (and dtype)
+
+    Raises
+    ------
+    ValueError
+        At forward: input that is not {dims}, or with another channel count than
+        ``num_features``; {too_small}.
+    TypeError
+        Input of another dtype than float32 or float64, or a constructor argument of the
+        wrong type.
+
+    Notes
+    -----
+    Built only on normcore's public toolkit, as a third-party plugin would be: one pass of
+    ``toolkit.row_moments`` for the statistics, one of ``toolkit.apply_rows``; backward one of
+    ``toolkit.row_grad_sums`` and one of ``toolkit.apply_rows_backward``. The variances over
+    groups of rows are computed as mean(var_in) + mean((mean_in - mean_group) ** 2), equal to
+    the released formula without its cancellation when |mean| >> std. ``load_state_dict``
+    also takes the released code's shapes ((1, C, 1, 1), (1, C, 1), (1, C)). Registered as
+    ``"{registered}"``.
+
+    Examples
+    --------
+    >>> from normcore.plugins.switchable import {name}
+    >>> x = np.random.default_rng(0).standard_normal({example_shape}).astype(np.float32)
+    >>> m = {name}(3)
+    >>> y = m(x)                                   # training: BN statistics of the batch
+    >>> y.shape, y.dtype, m.mean_weight.tolist()
+    ({example_shape}, dtype('float32'), {logits})
+    >>> dx = m.backward(np.ones_like(y))           # dx for the last forward; fills m.grads
+    >>> sorted(m.grads)
+    ['bias', 'mean_weight', 'var_weight', 'weight']
+    >>> sorted(m.state_dict())
+    ['bias', 'mean_weight', 'running_mean', 'running_var', 'var_weight', 'weight']
+    >>> y_eval = m.eval()(x)                       # eval: BN statistics from the running buffers
+    """
+
+_SPATIAL_FIELDS = dict(
+    sources="IN, LN and BN", sources_list="(IN, LN, BN)", sources_without_bn="IN and LN", n_sources=3,
+    n_sources_without_bn=2, logits="[1.0, 1.0, 1.0]",
+    variances="the IN statistics (from which the LN and BN ones\n        are derived)",
+    statistics="IN: per (sample, channel), over the\n    positions; LN: per sample, over its channels "
+               "and positions; BN: per channel, over the batch\n    and the positions.",
+    too_small="a single spatial position, unless\n        ``population_variance`` (the unbiased "
+              "variance needs two)")
+
+
 @nc.register_norm("switchable_norm2d")
 class SwitchableNorm2d(_SwitchableNorm):
-    """SwitchableNorm over (N, C, H, W); momentum (the fraction kept) defaults to 0.9."""
+    __doc__ = _SWITCHABLE_NORM_DOC.format(
+        name="SwitchableNorm2d", dims="4D", shape="(N, C, H, W)", default_momentum=0.9,
+        registered="switchable_norm2d", example_shape="(4, 3, 5, 5)", **_SPATIAL_FIELDS)
 
     _ndim = 4
     _default_momentum = 0.9
@@ -233,7 +343,9 @@ class SwitchableNorm2d(_SwitchableNorm):
 
 @nc.register_norm("switchable_norm3d")
 class SwitchableNorm3d(_SwitchableNorm):
-    """SwitchableNorm over (N, C, D, H, W); momentum defaults to 0.997."""
+    __doc__ = _SWITCHABLE_NORM_DOC.format(
+        name="SwitchableNorm3d", dims="5D", shape="(N, C, D, H, W)", default_momentum=0.997,
+        registered="switchable_norm3d", example_shape="(2, 3, 2, 3, 3)", **_SPATIAL_FIELDS)
 
     _ndim = 5
     _default_momentum = 0.997
@@ -241,9 +353,14 @@ class SwitchableNorm3d(_SwitchableNorm):
 
 @nc.register_norm("switchable_norm1d")
 class SwitchableNorm1d(_SwitchableNorm):
-    """SwitchableNorm over (N, C): LN statistics over C, BN over N, both with the unbiased
-    variance (as the released code); weights (LN, BN), or LN alone without BN. momentum
-    defaults to 0.997."""
+    __doc__ = _SWITCHABLE_NORM_DOC.format(
+        name="SwitchableNorm1d", dims="2D", shape="(N, C)", default_momentum=0.997, registered="switchable_norm1d",
+        example_shape="(4, 3)", sources="LN and BN", sources_list="(LN, BN)", sources_without_bn="LN",
+        n_sources=2, n_sources_without_bn=1, logits="[1.0, 1.0]", variances="both statistics",
+        statistics="LN: per sample, over its C channels; BN: per\n    channel, over the N samples; "
+                   "both with the unbiased variance, as the released code.",
+        too_small="fewer than 2 channels, or (training with BN)\n        fewer than 2 samples, unless "
+                  "``population_variance``")
 
     _ndim = 2
     _default_momentum = 0.997
@@ -252,6 +369,7 @@ class SwitchableNorm1d(_SwitchableNorm):
         return ("ln", "bn") if self.using_bn else ("ln",)
 
     def forward(self, x):
+        """y for x (see the class docstring); in training with BN, the running statistics are updated."""
         x = self._check_input(x)
         N, C = x.shape
         need = 1 if self.population_variance else 2
@@ -281,6 +399,7 @@ class SwitchableNorm1d(_SwitchableNorm):
         return y
 
     def backward(self, dy):
+        """dx for the last forward; fills grads for weight, bias, mean_weight and var_weight."""
         s, x, dy = self._saved_forward(dy)
         N, C = x.shape
         xd, g = x.astype(np.float64), dy.astype(np.float64)
