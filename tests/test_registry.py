@@ -197,6 +197,7 @@ def test_example_plugin_installs_with_pip_and_is_created_by_name(tmp_path, monke
     registry._registry._entry_points = None
     m = nc.create_norm("FilterResponseNorm", 3, eps=1e-3, dtype=np.float64)
     assert type(m).__module__ == "normcore_frn"
+    assert type(nc.create_norm("filter_response_norm", 3)) is type(m)  # the README's name
     rng = np.random.default_rng(0)
     for name, p in m.parameters().items():
         p[...] = rng.normal(size=p.shape) * 0.3 + (1.0 if name == "weight" else 0.0)
