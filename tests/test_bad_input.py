@@ -20,13 +20,11 @@ import numpy as np
 import pytest
 
 import normcore as nc
+from normcore.plugins import switchable as SN
+from optional_peers import needs_torch, torch
 
-torch = pytest.importorskip("torch")
-
-
-from normcore.plugins import switchable as SN  # noqa: E402
 F = nc.functional
-TF = torch.nn.functional
+TF = torch.nn.functional if torch is not None else None
 V, T, K = ValueError, TypeError, KeyError
 
 PER_CHANNEL = r"Expected more than 1 value per channel when training"
@@ -320,7 +318,9 @@ def state_rows(name):
                 (f"sd-missing-{k}-and-unexpected", "load",
                  {**{j: v for j, v in good.items() if j != k}, "extra": 1.0}, K,
                  rf"missing key.*{k}.*unexpected key.*extra"),
-                (f"sd-torch-shape-{k}", "load", {**good, k: torch.from_numpy(wrong_shape)}, V,
+                # a torch tensor as the value: the row is kept without torch and skips (see needs_torch_row)
+                (f"sd-torch-shape-{k}", "load",
+                 {**good, k: torch.from_numpy(wrong_shape) if torch is not None else None}, V,
                  rf"size mismatch for {k}"),
                 (f"sd-complex-{k}", "load", {**good, k: current.astype(np.complex128)}, T, rf"state_dict\['{k}'\]"),
                 (f"sd-None-{k}", "load", {**good, k: None}, T, rf"state_dict\['{k}'\]"),
@@ -345,6 +345,12 @@ ROWS = {(name, row[0]): row for name, rows in TABLES.items() for row in rows}
 assert len(ROWS) == sum(map(len, TABLES.values())), "row ids repeat"
 
 
+def needs_torch_row(row_id, *values):
+    """A table row as a pytest.param, marked needs_torch where its payload is a torch object."""
+    return pytest.param(*values, id=row_id, marks=needs_torch if "-torch-" in row_id or row_id.endswith("-torch")
+                        else ())
+
+
 def call(m, kind, payload):
     if kind == "forward":
         return m(payload)
@@ -357,7 +363,7 @@ def call(m, kind, payload):
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("name,row_id", list(ROWS), ids=[f"{name}::{row_id}" for name, row_id in ROWS])
+@pytest.mark.parametrize("name,row_id", [needs_torch_row(f"{name}::{row_id}", name, row_id) for name, row_id in ROWS])
 def test_bad_call(name, row_id):
     """One row of a layer's table, on a module that has done a good forward and backward."""
     _, kind, payload, exc, words = ROWS[name, row_id]
@@ -479,6 +485,7 @@ ONE_VALUE = [
 ]
 
 
+@needs_torch
 @pytest.mark.parametrize("name,make,make_torch,shape,words", ONE_VALUE, ids=[f"{r[0]}-{r[3]}" for r in ONE_VALUE])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_one_value_per_channel_as_torch(name, make, make_torch, shape, words, training):
@@ -534,6 +541,7 @@ def _torch_from(m, t):
     return t
 
 
+@needs_torch
 @pytest.mark.parametrize("name", EMPTY)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_empty_batch_as_torch(name, training):
@@ -738,7 +746,7 @@ def _ctor_rows():
 CTOR_ROWS = _ctor_rows()
 
 
-@pytest.mark.parametrize("make,exc,words", [r[1:] for r in CTOR_ROWS], ids=[r[0] for r in CTOR_ROWS])
+@pytest.mark.parametrize("make,exc,words", [needs_torch_row(*r) for r in CTOR_ROWS])
 def test_invalid_constructor_arguments(make, exc, words):
     with pytest.raises(exc, match=words):
         make()
@@ -898,6 +906,7 @@ def test_functional_refuses_and_leaves_running_stats_alone(bad, exc, words):
     assert rm.flags.writeable and rv.flags.writeable
 
 
+@needs_torch
 @pytest.mark.parametrize("fn", ["batch_norm", "instance_norm"])
 def test_functional_empty_batch(fn):
     """An empty batch in training: an empty output and running statistics untouched (torch's

@@ -5,6 +5,7 @@ import pytest
 
 import normcore as nc
 import reference as ref
+from optional_peers import needs_torch, torch
 
 TOL = {np.float32: 1e-5, np.float64: 1e-10}
 SIZES = list(range(1, 17))
@@ -131,9 +132,7 @@ def test_empty_input_and_backward_before_forward():
         assert m(x).shape == shape and m.backward(x).shape == shape
 
 
-torch = pytest.importorskip("torch")
-
-
+@needs_torch
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 8, 15, 16])
 @pytest.mark.parametrize("shape", [(2, 7, 9), (2, 5, 4, 6), (1, 12, 3, 2, 5)], ids=str)
