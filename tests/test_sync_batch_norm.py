@@ -84,13 +84,18 @@ def test_the_mpiexec_next_to_the_interpreter_is_found(tmp_path, monkeypatch):
     assert find_mpiexec() == str(launcher)
 
 
-MPI = pytest.importorskip("mpi4py.MPI")
+try:  # the tests above need no mpi4py; those below it are marked and skip without it
+    from mpi4py import MPI
+except ImportError:
+    MPI = None
+needs_mpi4py = pytest.mark.skipif(MPI is None, reason="mpi4py is not installed (the \"mpi\" extra)")
 
 
 def one_process(dtype=np.float64, **kwargs):
     return nc.SyncBatchNorm(3, comm=MPI.COMM_SELF, dtype=dtype, **kwargs)
 
 
+@needs_mpi4py
 @pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (2, 3, 4, 4), (2, 3, 2, 3, 2)])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_one_process_is_batch_norm(shape, momentum):
@@ -120,6 +125,7 @@ def test_one_process_is_batch_norm(shape, momentum):
     np.testing.assert_array_equal(sync.backward(x), ref.backward(x))
 
 
+@needs_mpi4py
 def test_from_batch_norm_copies_arguments_state_and_mode():
     bn = nc.BatchNorm2d(3, eps=1e-3, momentum=0.3, dtype=np.float32)
     bn(np.random.default_rng(1).normal(size=(4, 3, 2, 2)).astype(np.float32))
@@ -135,6 +141,7 @@ def test_from_batch_norm_copies_arguments_state_and_mode():
         nc.SyncBatchNorm.from_batch_norm(nc.InstanceNorm2d(3))
 
 
+@needs_mpi4py
 def test_registry_repr_and_arguments():
     assert nc.get_norm("sync_batch_norm") is nc.SyncBatchNorm
     assert nc.get_norm("SyncBatchNorm") is nc.SyncBatchNorm
@@ -145,6 +152,7 @@ def test_registry_repr_and_arguments():
         nc.SyncBatchNorm(0, comm=MPI.COMM_SELF)
 
 
+@needs_mpi4py
 def test_bad_input_in_one_process_changes_nothing():
     m = one_process()
     x = np.random.default_rng(2).normal(size=(4, 3, 2, 2))
@@ -173,6 +181,7 @@ def test_bad_input_in_one_process_changes_nothing():
         assert np.array_equal(v, before[k]), k
 
 
+@needs_mpi4py
 def test_empty_batch_on_every_rank_is_batch_norm_s_empty_batch():
     m, ref = one_process(), nc.BatchNorm2d(3, dtype=np.float64)
     x = np.ones((0, 3, 2, 2))
@@ -202,6 +211,7 @@ RUNS = [
 @needs_mpiexec
 @pytest.mark.parametrize("ranks,sizes,dtype,spatial,momentum,affine", RUNS,
                          ids=[f"n{r[0]}-{'_'.join(map(str, r[1]))}-{r[2]}-{len(r[3]) + 2}d" for r in RUNS])
+@needs_mpi4py
 def test_ranks_equal_one_batch_norm_on_the_whole_batch(ranks, sizes, dtype, spatial, momentum, affine):
     cfg = dict(sizes=sizes, dtype=dtype, C=4, spatial=spatial, steps=3, seed=ranks * 10 + len(spatial),
                momentum=momentum, affine=affine, offset=20.0 if dtype == "float64" else 3.0)
