@@ -1,6 +1,5 @@
 """InstanceNorm1d / 2d / 3d: statistics per (sample, channel) over the spatial dims."""
 import math
-import warnings
 
 import numpy as np
 
@@ -9,7 +8,7 @@ from normcore.channel_norm import ChannelNorm, ForwardRecord, updated_running
 from normcore.module import write_arrays
 from normcore.registry import register_norm
 from normcore.threads import get_num_threads
-from normcore.validation import as_float_array
+from normcore.validation import as_float_array, warn_user
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "instance_norm_forward"]
 
@@ -89,10 +88,9 @@ class _InstanceNorm(ChannelNorm):
                 raise ValueError(
                     f"expected input's size at dim={feature_dim} to match num_features "
                     f"({self.num_features}) of the running statistics, but got: {C}.")
-            warnings.warn(
+            warn_user(
                 f"input's size at dim={feature_dim} does not match num_features. You can silence this "
-                "warning by not passing in num_features, which is not used because affine=False",
-                stacklevel=2)
+                "warning by not passing in num_features, which is not used because affine=False")
         xb = x[np.newaxis] if x.ndim == nb else x
         use_input_stats = self.training or not self.track_running_stats
         if use_input_stats:

@@ -13,9 +13,9 @@ ValueError (an OpenMP team of 10**5 threads exhausts the process's resources and
 and a larger OpenMP default (``OMP_NUM_THREADS=100000``) is clamped to it with a warning.
 """
 import numbers
-import warnings
 
 from normcore._kernels import openmp_info
+from normcore.validation import warn_user
 
 __all__ = ["set_num_threads", "get_num_threads", "openmp_enabled", "MAX_THREADS"]
 
@@ -89,8 +89,8 @@ def get_num_threads():
     if n > MAX_THREADS:
         if not _warned_clamp:
             _warned_clamp = True
-            warnings.warn(f"OpenMP asks for {n} threads (OMP_NUM_THREADS?); normcore uses at most "
-                          f"{MAX_THREADS}", RuntimeWarning, stacklevel=2)
+            warn_user(f"OpenMP asks for {n} threads (OMP_NUM_THREADS?); normcore uses at most {MAX_THREADS}",
+                      RuntimeWarning)
         n = MAX_THREADS
     return n
 

@@ -2,10 +2,23 @@
 wrong and what was expected; none changes any state."""
 import numbers
 import math
+import os
+import sys
+import warnings
 
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_user(message, category=UserWarning):
+    """warnings.warn attributed to the first caller outside the normcore package (the user's
+    line), however many of normcore's frames (the lock wrapper, __call__, ...) lie between."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def as_float_array(x, name="input"):

@@ -406,3 +406,14 @@ def test_a_user_subclass_gets_its_own_name_too():
                        if sys.version_info >= (3, 11) else "unexpected keyword argument 'x'"):
         MyNorm(3, x=1)
     assert MyNorm(3).num_features == 3 and isinstance(MyNorm(3), nc.BatchNorm2d)
+
+
+def test_warnings_point_at_the_caller_s_line():
+    """InstanceNorm's num_features warning names the user's file, not normcore's lock wrapper."""
+    import warnings
+    m = nc.InstanceNorm1d(3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m(np.ones((2, 4, 5)))
+        m.forward(np.ones((2, 4, 5)))
+    assert len(caught) == 2 and all(w.filename == __file__ for w in caught), [w.filename for w in caught]
