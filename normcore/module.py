@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Module", "IncompatibleKeys", "write_arrays"]
+__all__ = ["Module", "IncompatibleKeys", "check_writeable", "write_arrays"]
 
 # The methods that touch a layer's state; each runs holding the layer's lock.
 _LOCKED_METHODS = ("forward", "backward", "train", "load_state_dict", "state_dict",
@@ -53,6 +53,13 @@ class IncompatibleKeys(NamedTuple):
 
     missing_keys: list
     unexpected_keys: list
+
+
+def check_writeable(name, array):
+    """ValueError unless `array` (the state called `name`) can be written in place."""
+    if not array.flags.writeable:
+        raise ValueError(f"{name} is read-only and cannot be updated in place "
+                         f"(make it writeable with {name}.setflags(write=True))")
 
 
 def write_arrays(updates):
@@ -90,9 +97,7 @@ def write_arrays(updates):
     """
     staged = []
     for name, destination, value in updates:
-        if not destination.flags.writeable:
-            raise ValueError(f"{name} is read-only and cannot be updated in place "
-                             f"(make it writeable with {name}.setflags(write=True))")
+        check_writeable(name, destination)
         value = np.asarray(value)
         try:
             value = np.broadcast_to(value, destination.shape)

@@ -29,7 +29,7 @@ import numpy as np
 from normcore import docstrings, toolkit
 from normcore.batch_norm import _BATCH_NORM_ATTRIBUTES, _BATCH_NORM_PARAMETERS, _BatchNorm, check_training_eps
 from normcore.channel_norm import ChannelNorm
-from normcore.module import write_arrays
+from normcore.module import check_writeable, write_arrays
 from normcore.registry import register_norm
 from normcore.validation import as_float_array, check_grad_output
 
@@ -264,10 +264,8 @@ class SyncBatchNorm(_BatchNorm):
                              f"got {x.shape[1]} channels in input of shape {x.shape}")
         check_training_eps(self.eps)
         for name in self._buffer_names:  # checked before the collective: every rank commits, or none
-            buffer = getattr(self, name)
-            if buffer is not None and not buffer.flags.writeable:
-                raise ValueError(f"{name} is read-only and cannot be updated in place "
-                                 f"(make it writeable with {name}.setflags(write=True))")
+            if getattr(self, name) is not None:
+                check_writeable(name, getattr(self, name))
         return x
 
     @staticmethod
