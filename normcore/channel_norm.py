@@ -1,4 +1,6 @@
 """What BatchNorm and InstanceNorm share: per-channel parameters and running statistics."""
+import math
+
 import numpy as np
 
 from normcore import grouped
@@ -97,6 +99,25 @@ def backward_saved(dy, record):
     dy_b = dy.reshape(record.inner.shape)
     dx, dweight, dbias = grouped.backward(dy_b, record.inner, get_num_threads())
     return dx.reshape(record.out_shape), dweight, dbias
+
+
+def backward_from_stats(dy, x, weight, mean, rstd, groups, batch_stats):
+    """(dx, dweight, dbias) of a forward of x (N, C, *) known by its statistics rather than its
+    ForwardRecord: what normcore.torch saves for autograd.
+
+    groups: 0 for statistics per channel over the batch (BatchNorm, and InstanceNorm with the
+    running statistics), G for G groups of C/G channels per sample (GroupNorm; InstanceNorm's
+    own statistics are G = C). mean, rstd: the forward's saved statistics (float64, one per
+    group); weight: the parameter the forward used (None: ones); batch_stats: whether the
+    statistics were x's own. Bitwise the backward of the layer that ran that forward.
+    """
+    N, C = x.shape[:2]
+    if x.size == 0:
+        return backward_saved(dy, ForwardRecord(None, x.shape, x.dtype, C))
+    L = math.prod(x.shape[2:])
+    g = grouped.channel_grouping(N, C, L) if groups == 0 else grouped.group_grouping(N, C, L, groups)
+    record = ForwardRecord(grouped.resume(x, g, mean, rstd, weight, batch_stats), x.shape, x.dtype, C)
+    return backward_saved(dy, record)
 
 
 def updated_running(running, batch, factor):

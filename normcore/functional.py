@@ -98,6 +98,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     >>> nc.functional.batch_norm(x, mean, var).shape      # eval: the running statistics
     (2, 2)
     """
+    y, _, new = batch_norm_step(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    _commit(running_mean, running_var, new)
+    return y
+
+
+def batch_norm_step(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                    eps=1e-05):
+    """``batch_norm``'s checks and computation, changing nothing: (y, ForwardRecord, new running
+    (mean, var) in float64 or None). For callers that commit the state themselves (normcore.torch)."""
     x = _channel_input(input, 2)
     C = x.shape[1]
     training = check_functional_bool(training, "batch_norm", "training")
@@ -109,9 +118,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if training:
         check_values_per_channel(x)
         check_training_eps(eps)
-    y, _, new = batch_norm_forward(x, rm, rv, weight, bias, training, momentum, eps)
-    _commit(running_mean, running_var, new)
-    return y
+    return batch_norm_forward(x, rm, rv, weight, bias, training, momentum, eps)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
@@ -157,6 +164,15 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     >>> nc.functional.instance_norm(x).round(4).tolist()
     [[[-1.0, 1.0], [-1.0, 1.0]]]
     """
+    y, _, new = instance_norm_step(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+    _commit(running_mean, running_var, new)
+    return y
+
+
+def instance_norm_step(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                       momentum=0.1, eps=1e-05):
+    """``instance_norm``'s checks and computation, changing nothing: (y, ForwardRecord, new
+    running (mean, var) in float64 or None)."""
     x = _channel_input(input, 3)
     C = x.shape[1]
     use_input_stats = check_functional_bool(use_input_stats, "instance_norm", "use_input_stats")
@@ -167,9 +183,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     eps = check_eps(eps)
     if use_input_stats:
         check_spatial_size(x)
-    y, _, new = instance_norm_forward(x, rm, rv, weight, bias, use_input_stats, momentum, eps)
-    _commit(running_mean, running_var, new)
-    return y
+    return instance_norm_forward(x, rm, rv, weight, bias, use_input_stats, momentum, eps)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-05):
@@ -208,13 +222,17 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-05):
     >>> nc.functional.layer_norm(x, (2, 3), bias=np.full((2, 3), 0.5)).shape
     (2, 3)
     """
+    return layer_norm_step(input, normalized_shape, weight, bias, eps)[0]
+
+
+def layer_norm_step(input, normalized_shape, weight=None, bias=None, eps=1e-05):
+    """``layer_norm``'s checks and computation: (y, LayerSaved)."""
     x = as_float_array(input)
     shape = normalize_shape(normalized_shape)
     weight = None if weight is None else as_float_array(weight, "weight")
     bias = None if bias is None else as_float_array(bias, "bias")
     check_layer_input(x, shape, weight, bias)
-    y, _ = layer_norm_forward(x, shape, weight, bias, check_eps(eps))
-    return y
+    return layer_norm_forward(x, shape, weight, bias, check_eps(eps))
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-05):
@@ -250,6 +268,11 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-05):
     >>> nc.functional.group_norm(x, 2).ravel().round(4).tolist()
     [-1.0, 1.0, 0.0, 0.0]
     """
+    return group_norm_step(input, num_groups, weight, bias, eps)[0]
+
+
+def group_norm_step(input, num_groups, weight=None, bias=None, eps=1e-05):
+    """``group_norm``'s checks and computation: (y, ForwardRecord)."""
     x = as_float_array(input)
     num_groups = check_positive_int(num_groups, "num_groups")
     weight = None if weight is None else as_float_array(weight, "weight")
@@ -257,8 +280,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-05):
     check_group_input(x, num_groups, weight)
     if bias is not None and bias.shape != (x.shape[1],):
         raise ValueError(f"bias should contain {x.shape[1]} elements (one per channel), got shape {bias.shape}")
-    y, _ = group_norm_forward(x, num_groups, weight, bias, check_eps(eps))
-    return y
+    return group_norm_forward(x, num_groups, weight, bias, check_eps(eps))
 
 
 def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
@@ -297,11 +319,15 @@ def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
     >>> y.ravel().round(4).tolist()
     [0.6667, 0.5714, 0.4]
     """
+    return local_response_norm_step(input, size, alpha, beta, k)[0]
+
+
+def local_response_norm_step(input, size, alpha=1e-4, beta=0.75, k=1.0):
+    """``local_response_norm``'s checks and computation: (y, LRNSaved)."""
     x = as_float_array(input)
     size, alpha, beta, k = check_lrn_args(size, alpha, beta, k)
     check_lrn_input(x)
-    y, _ = local_response_norm_forward(x, size, alpha, beta, k)
-    return y
+    return local_response_norm_forward(x, size, alpha, beta, k)
 
 
 # The docstrings above share their blocks with the layers' (normcore.docstrings).

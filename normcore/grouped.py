@@ -112,6 +112,23 @@ def channels_last_rows(x, N, C):
     return v.reshape(N, -1, C)
 
 
+def rows_of(x, grouping):
+    """x (N, C, *) as the kernels read it: an [N, L, C] view when its memory is channels-last,
+    else [N*C, L] rows (a view when x is C-contiguous). The one layout rule of forward and
+    backward."""
+    x3 = channels_last_rows(x, grouping.N, grouping.C)
+    return x3 if x3 is not None else as_rows(x, grouping.N, grouping.C)
+
+
+def resume(x, grouping, mean, rstd, weight, batch_stats):
+    """The Saved of a forward of x (non-empty) over `grouping`, rebuilt from what it returned:
+    its group means and rstd, the weight it used, and whether the statistics were x's own.
+
+    For callers that keep statistics rather than a Saved (normcore.torch saves tensors for
+    autograd): backward(dy, resume(...)) is the backward of that forward, bit for bit."""
+    return Saved(rows_of(x, grouping), x.shape, grouping, mean, rstd, _f64(weight, grouping.C, 1.0), batch_stats)
+
+
 def channels_last_like(a3, shape):
     """[N, L, C] -> (N, C, *spatial) view, channels-last in memory."""
     return np.moveaxis(a3.reshape((shape[0], *shape[2:], shape[1])), -1, 1)
@@ -148,10 +165,9 @@ def forward(x, grouping, weight, bias, eps, n_threads, stats=None):
     w = _f64(weight, g.C, 1.0)
     if stats is not None:
         stats, eps = _given_stats(*stats, eps), 0.0
-    x3 = channels_last_rows(x, g.N, g.C)
-    if x3 is not None:
-        return _forward_channels_last(x, x3, g, w, _f64(bias, g.C, 0.0), eps, n_threads, stats)
-    x2 = as_rows(x, g.N, g.C)
+    x2 = rows_of(x, g)
+    if x2.ndim == 3:
+        return _forward_channels_last(x, x2, g, w, _f64(bias, g.C, 0.0), eps, n_threads, stats)
     y2 = np.empty_like(x2)
     if stats is None and g.inner == 1:
         # Groups of consecutive rows (InstanceNorm, GroupNorm): fused, one read of x.

@@ -84,14 +84,27 @@ def layer_norm_forward(x, shape, weight, bias, eps):
     y2 = np.empty_like(x2)
     mean = np.empty(R)
     rstd = np.empty(R)
-    w = None
-    b = None
-    if weight is not None or bias is not None:
-        # A copy of the weight (also of an x-dtype one): the backward uses the weight of this forward.
-        w = np.ones(L, x.dtype) if weight is None else np.array(weight, dtype=x.dtype, order="C").reshape(L)
-        b = None if bias is None else np.ascontiguousarray(bias, dtype=x.dtype).reshape(L)
+    w = _row_weight(weight, bias is not None, L, x.dtype)
+    b = None if bias is None else np.ascontiguousarray(bias, dtype=x.dtype).reshape(L)
     layer_forward(x2, y2, w, b, eps, mean, rstd, get_num_threads())
     return y2.reshape(x.shape), LayerSaved(x2, x.shape, x.dtype, mean, rstd, w)
+
+
+def _row_weight(weight, has_bias, L, dtype):
+    """The weight as the kernels take it: None without affine parameters, else a flat copy in x's
+    dtype (ones for a bias alone); a copy also of an x-dtype weight, so that the backward uses
+    the weight of its forward."""
+    if weight is None and not has_bias:
+        return None
+    return np.ones(L, dtype) if weight is None else np.array(weight, dtype=dtype, order="C").reshape(L)
+
+
+def layer_norm_resume(x, shape, weight, has_bias, mean, rstd):
+    """The LayerSaved of a forward of x (non-empty) over `shape`, rebuilt from its statistics
+    and parameters (as grouped.resume for the channel norms)."""
+    L = math.prod(shape)
+    x2 = np.ascontiguousarray(x).reshape(-1, L)
+    return LayerSaved(x2, x.shape, x.dtype, mean, rstd, _row_weight(weight, has_bias, L, x.dtype))
 
 
 def layer_norm_backward(dy, saved):

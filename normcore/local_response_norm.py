@@ -50,11 +50,17 @@ def local_response_norm_forward(x, size, alpha, beta, k):
     N, C = x.shape[:2]
     if x.size == 0:
         return np.empty_like(x), LRNSaved(None, x.shape, x.dtype)
-    x3 = np.ascontiguousarray(x).reshape(N, C, -1)
-    y3 = np.empty_like(x3)
+    saved = lrn_resume(x)
+    y3 = np.empty_like(saved.x3)
     window, alpha = kernel_window(size, alpha, C)
-    lrn_forward(x3, y3, window, alpha, beta, k, get_num_threads())
-    return y3.reshape(x.shape), LRNSaved(x3, x.shape, x.dtype)
+    lrn_forward(saved.x3, y3, window, alpha, beta, k, get_num_threads())
+    return y3.reshape(x.shape), saved
+
+
+def lrn_resume(x):
+    """What backward needs of a forward of x (N, C, *), non-empty: x as [N, C, P]. The forward
+    keeps nothing else, so this is also how a caller that saved only x rebuilds it."""
+    return LRNSaved(np.ascontiguousarray(x).reshape(x.shape[0], x.shape[1], -1), x.shape, x.dtype)
 
 
 def local_response_norm_backward(dy, saved, size, alpha, beta, k):

@@ -33,7 +33,7 @@ from normcore.module import check_writeable, write_arrays
 from normcore.registry import register_norm
 from normcore.validation import as_float_array, check_grad_output
 
-__all__ = ["SyncBatchNorm"]
+__all__ = ["SyncBatchNorm", "GatheredBatchNorm"]
 
 MPI_HINT = ('SyncBatchNorm needs mpi4py and an MPI library: pip install mpi4py mpich '
             '(the "mpi" extra of normcore-nn)')
@@ -151,61 +151,22 @@ _SYNC_BATCH_NORM_DOC = """Batch Normalization over the batches of all MPI ranks,
     """
 
 
-@register_norm("sync_batch_norm")
-class SyncBatchNorm(_BatchNorm):
-    __doc__ = docstrings.fill(_SYNC_BATCH_NORM_DOC, parameters=_BATCH_NORM_PARAMETERS,
-                              attributes=_BATCH_NORM_ATTRIBUTES)
+class GatheredBatchNorm(_BatchNorm):
+    """SyncBatchNorm's algorithm over any transport: a subclass gives ``_gather(local)``, which
+    returns the row vectors `local` of every rank, rank 0 first, as a (ranks, len(local))
+    float64 array (an Allgather), and every rank must call it the same number of times.
+
+    SyncBatchNorm gathers over MPI; normcore.torch.SyncBatchNorm over torch.distributed.
+    """
 
     _dims = (2, 3, 4, 5)
+    # The parameter gradients: the global batch's (False: every rank holds the sums over all
+    # slices) or this rank's slice's (True: torch.nn.SyncBatchNorm's, for DistributedDataParallel,
+    # whose all-reduce then averages them over the ranks as it does every other gradient).
+    local_parameter_grads = False
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 comm=None, device=None, dtype=None, *, bias=True):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        MPI = _mpi()
-        if comm is None:
-            comm = MPI.COMM_WORLD
-        if not isinstance(comm, MPI.Comm):
-            raise TypeError(f"comm must be an mpi4py communicator (mpi4py.MPI.Comm), got {type(comm).__name__}")
-        self.comm = comm
-
-    @classmethod
-    def from_batch_norm(cls, bn, comm=None):
-        """A SyncBatchNorm with bn's arguments, mode and copies of its parameters and buffers.
-
-        As torch's ``SyncBatchNorm.convert_sync_batchnorm`` does for each BatchNorm of a model.
-
-        Parameters
-        ----------
-        bn : BatchNorm1d, BatchNorm2d or BatchNorm3d
-            The layer to convert; it is left as it is.
-        comm : mpi4py.MPI.Comm or None, default None
-            The communicator (None: ``MPI.COMM_WORLD``).
-
-        Returns
-        -------
-        SyncBatchNorm
-
-        Raises
-        ------
-        TypeError
-            `bn` is not a normcore BatchNorm1d, BatchNorm2d or BatchNorm3d.
-
-        Examples
-        --------
-        >>> sync = nc.SyncBatchNorm.from_batch_norm(nc.BatchNorm2d(16).eval())  # doctest: +SKIP
-        >>> sync.training                                                      # doctest: +SKIP
-        False
-        """
-        if not isinstance(bn, ChannelNorm) or not isinstance(bn, _BatchNorm):
-            raise TypeError(f"from_batch_norm expects a normcore BatchNorm1d/2d/3d, got {type(bn).__name__}")
-        sync = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, comm=comm,
-                   dtype=bn.dtype, bias=bn.bias is not None or not bn.affine)
-        sync.load_state_dict(bn.state_dict())
-        sync.train(bn.training)
-        return sync
-
-    def __repr__(self):
-        return super().__repr__()[:-1] + f", comm size={self.comm.Get_size()})"
+    def _gather(self, local):
+        raise NotImplementedError(f"{type(self).__name__} does not implement _gather(local)")
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x):
@@ -280,11 +241,6 @@ class SyncBatchNorm(_BatchNorm):
         m2 = row_m2.sum(axis=0) + L * ((row_mean - mean) ** 2).sum(axis=0)
         return float(N * L), mean, m2
 
-    def _gather(self, local):
-        gathered = np.empty((self.comm.Get_size(), local.size))
-        self.comm.Allgather(local, gathered)
-        return gathered
-
     def _raise_if_refused(self, flags, error):
         if error is not None:
             raise error
@@ -333,5 +289,69 @@ class SyncBatchNorm(_BatchNorm):
             dx = toolkit.apply_rows_backward(_rows_view(dy), _rows_view(x), a, saved.mean, b, c).reshape(saved.shape)
         else:
             dx = np.zeros(saved.shape, saved.dtype)
-        self._store_grads({"weight": sum_dyxc * rstd, "bias": sum_dy})
+        if self.local_parameter_grads:  # this rank's share: (sum dy * xhat, sum dy) over its slice
+            self._store_grads({"weight": local[1 + C:] * rstd, "bias": local[1:1 + C]})
+        else:
+            self._store_grads({"weight": sum_dyxc * rstd, "bias": sum_dy})
         return dx
+
+
+@register_norm("sync_batch_norm")
+class SyncBatchNorm(GatheredBatchNorm):
+    __doc__ = docstrings.fill(_SYNC_BATCH_NORM_DOC, parameters=_BATCH_NORM_PARAMETERS,
+                              attributes=_BATCH_NORM_ATTRIBUTES)
+
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 comm=None, device=None, dtype=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        MPI = _mpi()
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        if not isinstance(comm, MPI.Comm):
+            raise TypeError(f"comm must be an mpi4py communicator (mpi4py.MPI.Comm), got {type(comm).__name__}")
+        self.comm = comm
+
+    @classmethod
+    def from_batch_norm(cls, bn, comm=None):
+        """A SyncBatchNorm with bn's arguments, mode and copies of its parameters and buffers.
+
+        As torch's ``SyncBatchNorm.convert_sync_batchnorm`` does for each BatchNorm of a model.
+
+        Parameters
+        ----------
+        bn : BatchNorm1d, BatchNorm2d or BatchNorm3d
+            The layer to convert; it is left as it is.
+        comm : mpi4py.MPI.Comm or None, default None
+            The communicator (None: ``MPI.COMM_WORLD``).
+
+        Returns
+        -------
+        SyncBatchNorm
+
+        Raises
+        ------
+        TypeError
+            `bn` is not a normcore BatchNorm1d, BatchNorm2d or BatchNorm3d.
+
+        Examples
+        --------
+        >>> sync = nc.SyncBatchNorm.from_batch_norm(nc.BatchNorm2d(16).eval())  # doctest: +SKIP
+        >>> sync.training                                                      # doctest: +SKIP
+        False
+        """
+        if not isinstance(bn, ChannelNorm) or not isinstance(bn, _BatchNorm):
+            raise TypeError(f"from_batch_norm expects a normcore BatchNorm1d/2d/3d, got {type(bn).__name__}")
+        sync = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, comm=comm,
+                   dtype=bn.dtype, bias=bn.bias is not None or not bn.affine)
+        sync.load_state_dict(bn.state_dict())
+        sync.train(bn.training)
+        return sync
+
+    def __repr__(self):
+        return super().__repr__()[:-1] + f", comm size={self.comm.Get_size()})"
+
+    def _gather(self, local):
+        gathered = np.empty((self.comm.Get_size(), local.size))
+        self.comm.Allgather(local, gathered)
+        return gathered
