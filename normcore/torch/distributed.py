@@ -6,12 +6,13 @@ gathers every rank's per-channel (count, mean, M2) with one all_gather and merge
 rank order, so every rank holds bitwise the same statistics, running statistics and parameter
 gradients, whatever the batch sizes (zero included); a rank that refuses its input tells the
 others through the same collective, and every rank raises instead of waiting forever. Here
-the collective is ``torch.distributed.all_gather_into_tensor`` on the module's process group.
+the collective is ``torch.distributed.all_gather`` on the module's process group.
 """
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from normcore.sync_batch_norm import GatheredBatchNorm
 from normcore.torch import functional as F
@@ -45,17 +46,19 @@ class _GatherOverTorch(GatheredBatchNorm):
 
     def _gather(self, local):
         group = _group(self.process_group)
-        gathered = torch.empty((dist.get_world_size(group), local.size), dtype=torch.float64)
-        dist.all_gather_into_tensor(gathered, torch.from_numpy(np.ascontiguousarray(local)), group=group)
-        return gathered.numpy()
+        rows = [torch.empty(local.size, dtype=torch.float64) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(rows, torch.from_numpy(np.ascontiguousarray(local)), group=group)
+        return torch.stack(rows).numpy()
 
 
-class SyncBatchNorm(NormcoreLayer, nn.SyncBatchNorm):
+class SyncBatchNorm(NormcoreLayer, _BatchNorm):
     """``torch.nn.SyncBatchNorm`` on the CPU over torch.distributed, on normcore's kernels.
 
     The constructor, parameters, buffers, state_dict keys and modes of
-    ``torch.nn.SyncBatchNorm`` (a subclass of it), with ``process_group`` the group whose ranks
-    share the batch (None: the default group). In training with more than one rank, the
+    ``torch.nn.SyncBatchNorm``, with ``process_group`` the group whose ranks share the batch
+    (None: the default group). Not a subclass of it, unlike normcore's other layers:
+    DistributedDataParallel refuses any torch.nn.SyncBatchNorm in a CPU module ("SyncBatchNorm
+    layers only work with GPU modules"); like it, a subclass of torch's ``_BatchNorm``. In training with more than one rank, the
     statistics and parameter gradients are those of the whole batch, bitwise the same on
     every rank; in eval, or outside a process group, a plain BatchNorm of the rank's slice.
     Every rank must run the same forwards and backwards. ``torch.compile`` runs the
@@ -63,6 +66,16 @@ class SyncBatchNorm(NormcoreLayer, nn.SyncBatchNorm):
     """
 
     torch_class = nn.SyncBatchNorm
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         bias=bias)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def _engine(self):
         """The NumPy layer that runs the synchronised step (made on first use: a layer converted

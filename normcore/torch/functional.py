@@ -92,5 +92,18 @@ def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
     check_tensors("local_response_norm", input)
     x = input.contiguous()
     if not torch.compiler.is_compiling():
-        return _ops.eager_local_response_norm(x, size, alpha, beta, k)
-    return _ops.local_response_norm(x, size, alpha, beta, k)
+        y = _ops.eager_local_response_norm(x, size, alpha, beta, k)
+    else:
+        y = _ops.local_response_norm(x, size, alpha, beta, k)
+    # torch's (composite) local_response_norm keeps a channels-last input's memory format; the
+    # kernel runs on (N, C, *) rows, so a channels-last input costs a copy each way.
+    fmt = _channels_last_format(input)
+    return y if fmt is None else y.contiguous(memory_format=fmt)
+
+
+def _channels_last_format(x):
+    """torch.channels_last(_3d) for a 4-d (5-d) input in that format (and not also contiguous)."""
+    if x.is_contiguous():
+        return None
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt if fmt is not None and x.is_contiguous(memory_format=fmt) else None
