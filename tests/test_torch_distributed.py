@@ -151,3 +151,20 @@ def test_convert_sync_batchnorm_keeps_the_parameter_objects():
                                                  "GroupNorm"]
     assert all(isinstance(m, nct.SyncBatchNorm) for m in model[1:4])
     assert type(nct.revert(model)[1]) is torch.nn.SyncBatchNorm
+
+
+def test_the_readme_torchrun_example(tmp_path):
+    """examples/torch/train_ddp.py under torchrun, as the README launches it."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "torch" / "train_ddp.py"
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    assert shutil.which("torchrun") or torchrun
+    out = subprocess.run([*torchrun, "--standalone", "--nproc-per-node", "2", str(script)], capture_output=True,
+                         text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 4: loss" in out.stdout
+    assert "2 ranks, running_mean the same bits on every rank: True" in out.stdout

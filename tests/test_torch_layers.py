@@ -415,3 +415,30 @@ def test_import_normcore_does_not_import_torch():
     code = "import sys, normcore; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("obj", ["convert", "wrap"])
+def test_docstring_examples_run(obj):
+    import doctest
+
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for test in finder.find(getattr(nct, obj), obj, globs={"np": np, "nc": nc}):
+        runner.run(test)
+    assert runner.failures == 0 and runner.tries > 0
+
+
+def test_torch_export_and_dynamic_shapes():
+    """The custom ops appear in an exported graph, and a compiled model takes new shapes."""
+    model = nct.convert(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                            torch.nn.GroupNorm(2, 4), torch.nn.LayerNorm(6))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    exported = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"normcore.batch_norm.default", "normcore.group_norm.default", "normcore.layer_norm.default"} <= targets
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x), model(x))
+        compiled = torch.compile(model, dynamic=True)
+        for shape in ((3, 3, 8, 8), (5, 3, 8, 8)):
+            x = torch.randn(shape)
+            np.testing.assert_allclose(compiled(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)

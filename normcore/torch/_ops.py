@@ -32,7 +32,6 @@ from normcore import functional as core
 from normcore.channel_norm import backward_from_stats
 from normcore.layer_norm import layer_norm_backward, layer_norm_resume
 from normcore.local_response_norm import local_response_norm_backward, lrn_resume
-from normcore.module import write_arrays
 
 _F64 = torch.float64
 Tensor = torch.Tensor
@@ -148,15 +147,16 @@ def needs_grad(*tensors):
 
 
 # -- BatchNorm, InstanceNorm, GroupNorm: the grouped norms ----------------------------------------
-def _running_new(new, running_mean, running_var, updating):
-    """(new running_mean, new running_var) as tensors of the buffers' dtype: the step's float64
-    values, the current values when it updated nothing (an empty batch), empty tensors when
-    not updating."""
+def _running_new(running, updating):
+    """The op's (new running_mean, new running_var): tensors of the buffers' dtype with the
+    step's values, the current values when it updated nothing (an empty batch), empty tensors
+    when not updating."""
     if not updating:
         return torch.empty(0, dtype=_F64), torch.empty(0, dtype=_F64)
+    rm, rv, new = running
     if new is None:
-        return running_mean.clone(), running_var.clone()
-    return (_tensor(new[0].astype(array(running_mean).dtype)), _tensor(new[1].astype(array(running_var).dtype)))
+        return _tensor(rm.copy()), _tensor(rv.copy())
+    return _tensor(new[0].astype(rm.dtype)), _tensor(new[1].astype(rv.dtype))
 
 
 def _fake_running(x, running_mean, running_var, updating):
@@ -165,25 +165,30 @@ def _fake_running(x, running_mean, running_var, updating):
     return torch.empty_like(running_mean), torch.empty_like(running_var)
 
 
-def _commit_arrays(running_mean, running_var, new):
-    """Write a step's new running statistics into the buffers' memory (the eager path)."""
-    if new is not None:
-        write_arrays([("running_mean", array(running_mean), new[0]), ("running_var", array(running_var), new[1])])
+def _commit(running):
+    """Write a step's new running statistics into the buffers' memory (the eager path), cast
+    to their dtype as nc.toolkit.write_arrays casts."""
+    if running is not None and running[2] is not None:
+        rm, rv, (new_mean, new_var) = running
+        rm[...] = new_mean
+        rv[...] = new_var
 
 
 def _batch_norm_arrays(input, weight, bias, running_mean, running_var, training, momentum, eps):
-    """(y, mean, rstd, new running statistics or None) of batch_norm, changing nothing."""
+    """batch_norm, changing nothing: (y, its ForwardRecord, the length of its statistics,
+    (running_mean, running_var, their new float64 values or None) as arrays)."""
     x = dense(input)
-    y, record, new = core.batch_norm_step(array(x), array(running_mean), array(running_var), array(weight),
-                                          array(bias), training, momentum, eps)
-    return (like(y, x), *_record_stats(record, x.shape[1]), new)
+    rm, rv = array(running_mean), array(running_var)
+    y, record, new = core.batch_norm_step(array(x), rm, rv, array(weight), array(bias), training, momentum, eps)
+    return like(y, x), record, x.shape[1], (rm, rv, new)
 
 
 def _batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], training: bool, momentum: float, eps: float
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    y, mean, rstd, new = _batch_norm_arrays(input, weight, bias, running_mean, running_var, training, momentum, eps)
-    return y, mean, rstd, *_running_new(new, running_mean, running_var, training and running_mean is not None)
+    y, record, n, running = _batch_norm_arrays(input, weight, bias, running_mean, running_var, training, momentum,
+                                               eps)
+    return y, *_record_stats(record, n), *_running_new(running, training and running_mean is not None)
 
 
 batch_norm = torch.library.custom_op("normcore::batch_norm", _batch_norm, mutates_args=(), device_types="cpu")
@@ -201,21 +206,22 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
 
 
 def _instance_norm_arrays(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps):
-    """(y, mean, rstd, new running statistics or None) of instance_norm, changing nothing: the
-    statistics per (n, c) with the input's own, per c with the running ones."""
+    """instance_norm, changing nothing, as _batch_norm_arrays: the statistics per (n, c) with
+    the input's own, per c with the running ones."""
     x = dense(input)
-    y, record, new = core.instance_norm_step(array(x), array(running_mean), array(running_var), array(weight),
-                                             array(bias), use_input_stats, momentum, eps)
+    rm, rv = array(running_mean), array(running_var)
+    y, record, new = core.instance_norm_step(array(x), rm, rv, array(weight), array(bias), use_input_stats,
+                                             momentum, eps)
     n = x.shape[0] * x.shape[1] if use_input_stats else x.shape[1]
-    return (like(y, x), *_record_stats(record, n), new)
+    return like(y, x), record, n, (rm, rv, new)
 
 
 def _instance_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                    running_var: Optional[Tensor], use_input_stats: bool, momentum: float, eps: float
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    y, mean, rstd, new = _instance_norm_arrays(input, weight, bias, running_mean, running_var, use_input_stats,
-                                               momentum, eps)
-    return y, mean, rstd, *_running_new(new, running_mean, running_var, use_input_stats and running_mean is not None)
+    y, record, n, running = _instance_norm_arrays(input, weight, bias, running_mean, running_var, use_input_stats,
+                                                  momentum, eps)
+    return y, *_record_stats(record, n), *_running_new(running, use_input_stats and running_mean is not None)
 
 
 instance_norm = torch.library.custom_op("normcore::instance_norm", _instance_norm, mutates_args=(),
@@ -232,11 +238,17 @@ def _(input, weight, bias, running_mean, running_var, use_input_stats, momentum,
             *_fake_running(x, running_mean, running_var, use_input_stats and running_mean is not None))
 
 
-def _group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
-                ) -> tuple[Tensor, Tensor, Tensor]:
+def _group_norm_arrays(input, num_groups, weight, bias, eps):
+    """group_norm, as _batch_norm_arrays (no running statistics)."""
     x = dense(input)
     y, record = core.group_norm_step(array(x), num_groups, array(weight), array(bias), eps)
-    return (like(y, x), *_record_stats(record, x.shape[0] * num_groups))
+    return like(y, x), record, x.shape[0] * num_groups, None
+
+
+def _group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    y, record, n, _ = _group_norm_arrays(input, num_groups, weight, bias, eps)
+    return y, *_record_stats(record, n)
 
 
 group_norm = torch.library.custom_op("normcore::group_norm", _group_norm, mutates_args=(), device_types="cpu")
@@ -319,44 +331,44 @@ class _Grouped:
         return self._place(ctx, dx, _grad_of(dweight, weight), _grad_of(dbias, ctx.bias))
 
 
-def _grouped_eager(name, formula, compute, commits):
-    """The eager Function of a grouped-norm op: computes, commits the running statistics when
-    the op has them (`commits`: their positions in the inputs), saves, returns y."""
+def _grouped_eager(name, formula, compute):
+    """The eager Function of a grouped-norm op: computes, writes the new running statistics,
+    saves for backward, returns y."""
     def forward(ctx, *args):
-        y, mean, rstd, *new = compute(*args)
-        if commits:
-            _commit_arrays(args[commits[0]], args[commits[1]], new[0])
-        formula.setup(ctx, args, mean, rstd)
+        y, record, n, running = compute(*args)
+        _commit(running)
+        formula.setup(ctx, args, *_record_stats(record, n))
         return y
 
     return eager_function(name, forward, formula.eager_backward, f"The eager path of normcore::{name}.")
 
 
+def _eager(function, compute, *args, differentiable):
+    """function.apply(*args) when a gradient is wanted of the tensors `differentiable`, else
+    compute(*args) alone: y, with the running statistics written, without autograd."""
+    if needs_grad(*differentiable):
+        return function.apply(*args)
+    y, _, _, running = compute(*args)
+    _commit(running)
+    return y
+
+
 def eager_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps):
     """batch_norm's y, the running statistics updated in place (eager mode)."""
-    if needs_grad(input, weight, bias):
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps)
-    y, _, _, new = _batch_norm_arrays(input, weight, bias, running_mean, running_var, training, momentum, eps)
-    _commit_arrays(running_mean, running_var, new)
-    return y
+    return _eager(BatchNormFunction, _batch_norm_arrays, input, weight, bias, running_mean, running_var, training,
+                  momentum, eps, differentiable=(input, weight, bias))
 
 
 def eager_instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps):
     """instance_norm's y, the running statistics updated in place (eager mode)."""
-    if needs_grad(input, weight, bias):
-        return InstanceNormFunction.apply(input, weight, bias, running_mean, running_var, use_input_stats,
-                                          momentum, eps)
-    y, _, _, new = _instance_norm_arrays(input, weight, bias, running_mean, running_var, use_input_stats,
-                                         momentum, eps)
-    _commit_arrays(running_mean, running_var, new)
-    return y
+    return _eager(InstanceNormFunction, _instance_norm_arrays, input, weight, bias, running_mean, running_var,
+                  use_input_stats, momentum, eps, differentiable=(input, weight, bias))
 
 
 def eager_group_norm(input, num_groups, weight, bias, eps):
     """group_norm's y (eager mode)."""
-    if needs_grad(input, weight, bias):
-        return GroupNormFunction.apply(input, num_groups, weight, bias, eps)
-    return _group_norm(input, num_groups, weight, bias, eps)[0]
+    return _eager(GroupNormFunction, _group_norm_arrays, input, num_groups, weight, bias, eps,
+                  differentiable=(input, weight, bias))
 
 
 _bn_formula = _Grouped(8, (0, 1, 2), lambda inputs: (0, inputs[5]))
@@ -365,9 +377,9 @@ _gn_formula = _Grouped(5, (0, 2, 3), lambda inputs: (inputs[1], True))
 batch_norm.register_autograd(_bn_formula.op_backward, setup_context=_bn_formula.setup_context)
 instance_norm.register_autograd(_in_formula.op_backward, setup_context=_in_formula.setup_context)
 group_norm.register_autograd(_gn_formula.op_backward, setup_context=_gn_formula.setup_context)
-BatchNormFunction = _grouped_eager("batch_norm", _bn_formula, _batch_norm_arrays, (3, 4))
-InstanceNormFunction = _grouped_eager("instance_norm", _in_formula, _instance_norm_arrays, (3, 4))
-GroupNormFunction = _grouped_eager("group_norm", _gn_formula, lambda *a: (*_group_norm(*a), None), ())
+BatchNormFunction = _grouped_eager("batch_norm", _bn_formula, _batch_norm_arrays)
+InstanceNormFunction = _grouped_eager("instance_norm", _in_formula, _instance_norm_arrays)
+GroupNormFunction = _grouped_eager("group_norm", _gn_formula, _group_norm_arrays)
 
 
 # -- LayerNorm ------------------------------------------------------------------------------------
