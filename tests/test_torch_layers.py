@@ -356,9 +356,23 @@ class Scale(nc.Module):
         return r * g - r ** 3 * x * (g * x).mean(axis=axes, keepdims=True)
 
 
-@pytest.mark.parametrize("norm", ["switchable_norm2d", "scale"])
+def frn_layer(num_features):
+    """The example third-party plugin's layer (examples/frn), imported from the source tree."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "frn"))
+    try:
+        import normcore_frn
+    finally:
+        sys.path.pop(0)
+    layer = normcore_frn.FilterResponseNorm(num_features)
+    layer.tau[...] = -0.5  # keep the TLU mostly open
+    return layer
+
+
+@pytest.mark.parametrize("norm", ["switchable_norm2d", "scale", "frn"])
 def test_wrap_runs_the_layers_own_forward_and_backward(norm):
-    layer = Scale(4) if norm == "scale" else nc.create_norm(norm, 4)
+    layer = {"scale": Scale, "frn": frn_layer}.get(norm, lambda c: nc.create_norm(norm, c))(4)
     twin = copy.deepcopy(layer)
     m = nct.wrap(layer)
     assert sorted(m.state_dict()) == sorted(layer.state_dict())
@@ -442,3 +456,13 @@ def test_torch_export_and_dynamic_shapes():
         for shape in ((3, 3, 8, 8), (5, 3, 8, 8)):
             x = torch.randn(shape)
             np.testing.assert_allclose(compiled(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_runs_wrapped_layers_eagerly():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), nct.wrap("switchable_norm2d", 4), nct.BatchNorm2d(4))
+    eager_model = copy.deepcopy(model)
+    x = torch.randn(2, 3, 5, 5)
+    y = torch.compile(model)(x)
+    np.testing.assert_allclose(y.detach().numpy(), eager_model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    y.sum().backward()
+    assert model[1].weight.grad is not None
