@@ -151,6 +151,7 @@ def test_convert_sync_batchnorm_keeps_the_parameter_objects():
                                                  "GroupNorm"]
     assert all(isinstance(m, nct.SyncBatchNorm) for m in model[1:4])
     assert type(nct.revert(model)[1]) is torch.nn.SyncBatchNorm
+    assert type(nct.convert(torch.nn.SyncBatchNorm(4))) is nct.SyncBatchNorm  # convert takes torch's too
 
 
 def test_the_readme_torchrun_example(tmp_path):

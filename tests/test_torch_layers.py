@@ -266,7 +266,8 @@ def conv_model():
         torch.nn.Linear(8 * 6 * 6, 4))
 
 
-def train_steps(model, steps=3, dtype=torch.float64):
+def train_steps(model, steps=3):
+    dtype = torch.float64
     model = model.to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(5)
