@@ -12,7 +12,6 @@ weights and alternate, so that the machine's drift hits both alike. The reported
 the median over repeats of each variant's step time; the ratio is torch's / normcore's.
 """
 import argparse
-import copy
 import statistics
 import time
 

@@ -1,6 +1,5 @@
 """normcore.torch.SyncBatchNorm over torch.distributed (gloo on loopback), 2 and 3 processes
 started with torch.multiprocessing (the ranks' code: torch_dist_worker.py)."""
-import os
 import time
 
 import numpy as np

@@ -3,7 +3,6 @@
 dicts both ways, convert / revert / torch.compile, wrap, and the errors."""
 import copy
 import inspect
-import itertools
 import subprocess
 import sys
 

@@ -58,9 +58,11 @@ class SyncBatchNorm(NormcoreLayer, _BatchNorm):
     ``torch.nn.SyncBatchNorm``, with ``process_group`` the group whose ranks share the batch
     (None: the default group). Not a subclass of it, unlike normcore's other layers:
     DistributedDataParallel refuses any torch.nn.SyncBatchNorm in a CPU module ("SyncBatchNorm
-    layers only work with GPU modules"); like it, a subclass of torch's ``_BatchNorm``. In training with more than one rank, the
-    statistics and parameter gradients are those of the whole batch, bitwise the same on
-    every rank; in eval, or outside a process group, a plain BatchNorm of the rank's slice.
+    layers only work with GPU modules"); like it, a subclass of torch's ``_BatchNorm``. In
+    training with more than one rank, the statistics are those of the whole batch, bitwise the
+    same on every rank, and the parameter gradients this rank's share of the whole batch's (as
+    torch's: DistributedDataParallel averages them); in eval, or outside a process group, a
+    plain BatchNorm of the rank's slice.
     Every rank must run the same forwards and backwards. ``torch.compile`` runs the
     synchronised step eagerly (a graph break); the local one is compiled as BatchNorm.
     """

@@ -9,7 +9,6 @@ torch.nn.BatchNorm2d)`` holds), and ``convert`` turns a torch layer into its twi
 """
 import inspect
 
-import torch
 from torch import nn
 
 from normcore.torch import functional as F
