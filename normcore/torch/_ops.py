@@ -39,8 +39,11 @@ Tensor = torch.Tensor
 
 # -- tensors <-> arrays ---------------------------------------------------------------------------
 def array(t):
-    """A CPU tensor's memory as an ndarray (a view, no copy); None stays None."""
-    return None if t is None else t.detach().numpy()
+    """A CPU tensor's memory as an ndarray (a view, no copy); None stays None. (A tensor that
+    requires grad must be detached first; detaching costs as much as the view.)"""
+    if t is None:
+        return None
+    return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
 def dense(x):
@@ -388,7 +391,7 @@ def _layer_norm(input: Tensor, normalized_shape: list[int], weight: Optional[Ten
     x = input.contiguous()
     y, saved = core.layer_norm_step(array(x), tuple(normalized_shape), array(weight), array(bias), eps)
     rows = math.prod(x.shape[: x.dim() - len(normalized_shape)])
-    return (_tensor(y).view(x.shape), *_stats(saved.mean, saved.rstd, rows))
+    return (_tensor(y), *_stats(saved.mean, saved.rstd, rows))
 
 
 layer_norm = torch.library.custom_op("normcore::layer_norm", _layer_norm, mutates_args=(), device_types="cpu")
@@ -410,7 +413,7 @@ def _layer_backward_arrays(grad_output, input, normalized_shape, weight, has_bia
         return torch.zeros_like(x), np.zeros(L), np.zeros(L)
     saved = layer_norm_resume(array(x), shape, array(weight), has_bias, array(mean), array(rstd))
     dx, dweight, dbias = layer_norm_backward(array(grad_output), saved)
-    return _tensor(dx).view(x.shape), dweight, dbias
+    return _tensor(dx), dweight, dbias
 
 
 def _layer_norm_backward(grad_output: Tensor, input: Tensor, normalized_shape: list[int], weight: Optional[Tensor],
@@ -486,7 +489,7 @@ def eager_layer_norm(input, normalized_shape, weight, bias, eps):
 def _local_response_norm(input: Tensor, size: int, alpha: float, beta: float, k: float) -> Tensor:
     x = input.contiguous()
     y, _ = core.local_response_norm_step(array(x), size, alpha, beta, k)
-    return _tensor(y).view(x.shape)
+    return _tensor(y)
 
 
 local_response_norm = torch.library.custom_op("normcore::local_response_norm", _local_response_norm,
@@ -505,7 +508,7 @@ def _local_response_norm_backward(grad_output: Tensor, input: Tensor, size: int,
     if x.numel() == 0:
         return torch.zeros_like(x)
     dx = local_response_norm_backward(array(grad_output), lrn_resume(array(x)), size, alpha, beta, k)
-    return _tensor(dx).view(x.shape)
+    return _tensor(dx)
 
 
 local_response_norm_backward_op = torch.library.custom_op(
