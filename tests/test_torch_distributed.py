@@ -1,5 +1,6 @@
 """normcore.torch.SyncBatchNorm over torch.distributed (gloo on loopback), 2 and 3 processes
 started with torch.multiprocessing (the ranks' code: torch_dist_worker.py)."""
+import os
 import time
 
 import numpy as np
@@ -154,17 +155,23 @@ def test_convert_sync_batchnorm_keeps_the_parameter_objects():
 
 
 def test_the_readme_torchrun_example(tmp_path):
-    """examples/torch/train_ddp.py under torchrun, as the README launches it."""
-    import shutil
+    """examples/torch/train_ddp.py under torchrun, as the README launches it (its own session, so
+    that a hang is killed with every rank)."""
+    import signal
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "examples" / "torch" / "train_ddp.py"
-    torchrun = [sys.executable, "-m", "torch.distributed.run"]
-    assert shutil.which("torchrun") or torchrun
-    out = subprocess.run([*torchrun, "--standalone", "--nproc-per-node", "2", str(script)], capture_output=True,
-                         text=True, timeout=TIMEOUT, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "step 4: loss" in out.stdout
-    assert "2 ranks, running_mean the same bits on every rank: True" in out.stdout
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish within {TIMEOUT} s:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "step 4: loss" in stdout
+    assert "2 ranks, running_mean the same bits on every rank: True" in stdout

@@ -45,7 +45,11 @@ def main(steps=5, batch_per_rank=8):
     dist.all_gather(every, mean)
     if rank == 0:
         same = all(torch.equal(every[0], m) for m in every)
-        print(f"{world} ranks, running_mean the same bits on every rank: {same}")
+        print(f"{world} ranks, running_mean the same bits on every rank: {same}", flush=True)
+    # Tear down in order: DDP (its reducer holds the process group) before the group, every
+    # rank together; a DDP object outliving the group can hang the process at exit.
+    del net, opt
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -15,10 +15,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normcore.sync_batch_norm import GatheredBatchNorm
-from normcore.torch import functional as F
 from normcore.torch._ops import array, dense
 from normcore.torch.functional import check_tensors
-from normcore.torch.layers import TWINS, NormcoreLayer, check_cpu
+from normcore.torch.layers import TWINS, BatchNormForward, check_cpu
 from normcore.torch.wrap import run_layer
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -51,7 +50,7 @@ class _GatherOverTorch(GatheredBatchNorm):
         return torch.stack(rows).numpy()
 
 
-class SyncBatchNorm(NormcoreLayer, _BatchNorm):
+class SyncBatchNorm(BatchNormForward, _BatchNorm):
     """``torch.nn.SyncBatchNorm`` on the CPU over torch.distributed, on normcore's kernels.
 
     The constructor, parameters, buffers, state_dict keys and modes of
@@ -98,22 +97,7 @@ class SyncBatchNorm(NormcoreLayer, _BatchNorm):
         need_sync = self.training and dist.is_available() and dist.is_initialized()
         if need_sync and dist.get_world_size(_group(self.process_group)) > 1:
             return self._synchronised_forward(input)
-        self._check_input_dim(input)
-        return self._local_forward(input)
-
-    def _local_forward(self, input):
-        """BatchNorm's forward (normcore.torch.BatchNorm2d's) on this rank's slice alone."""
-        counting = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        factor = 0.0 if self.momentum is None else self.momentum
-        if counting and self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked + 1)
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        keep = not self.training or self.track_running_stats
-        y = F.batch_norm(input, self.running_mean if keep else None, self.running_var if keep else None,
-                         self.weight, self.bias, bn_training, factor, self.eps)
-        if counting:
-            self.num_batches_tracked.add_(1)
-        return y
+        return super().forward(input)  # local: normcore.torch.BatchNorm2d's step
 
     @torch.compiler.disable
     def _synchronised_forward(self, input):

@@ -50,10 +50,11 @@ def _doc(name, what):
 
 
 # -- BatchNorm ------------------------------------------------------------------------------------
-class _BatchNorm(NormcoreLayer):
+class BatchNormForward(NormcoreLayer):
     def forward(self, input):
         """torch's _BatchNorm.forward on normcore's batch_norm; the batch is counted
-        (``num_batches_tracked``) after it succeeded, so a refused input changes no state."""
+        (``num_batches_tracked``) after it succeeded, so a refused input changes no state.
+        Also SyncBatchNorm's step outside a process group (and in eval)."""
         self._check_input_dim(input)
         counting = self.training and self.track_running_stats and self.num_batches_tracked is not None
         factor = 0.0 if self.momentum is None else self.momentum
@@ -68,17 +69,17 @@ class _BatchNorm(NormcoreLayer):
         return y
 
 
-class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
+class BatchNorm1d(BatchNormForward, nn.BatchNorm1d):
     __doc__ = _doc("BatchNorm1d", "statistics per channel over (N, L) of (N, C) or (N, C, L) input.")
     torch_class = nn.BatchNorm1d
 
 
-class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
+class BatchNorm2d(BatchNormForward, nn.BatchNorm2d):
     __doc__ = _doc("BatchNorm2d", "statistics per channel over (N, H, W) of (N, C, H, W) input.")
     torch_class = nn.BatchNorm2d
 
 
-class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
+class BatchNorm3d(BatchNormForward, nn.BatchNorm3d):
     __doc__ = _doc("BatchNorm3d", "statistics per channel over (N, D, H, W) of (N, C, D, H, W) input.")
     torch_class = nn.BatchNorm3d
 
