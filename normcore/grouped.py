@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 
 from normcore._kernels.apply_rows import apply_rows_backward
-from normcore._kernels.channels import channel_forward
+from normcore._kernels.channels import channel_backward, channel_forward
 from normcore._kernels.channels_last import cl_apply, cl_apply_backward, cl_grad_sums, cl_group_forward, cl_moments
 from normcore._kernels.combine import merge_moments, sum_groups
 from normcore._kernels.grad_sums import row_grad_sums
@@ -236,6 +236,12 @@ def backward(dy, saved, n_threads):
         dy2 = as_rows(dy, g.N, g.C)
         grad_sums, apply_backward = row_grad_sums, apply_rows_backward
     dx2 = np.empty_like(x2)
+    if g.per_channel and not layout_cl:
+        # Statistics per channel (BatchNorm; running statistics): sums, combine, apply, one call.
+        dweight, dbias = np.empty(g.C), np.empty(g.C)
+        channel_backward(x2, dy2, dx2, g.C, saved.weight, saved.mean, saved.rstd, saved.batch_stats, dweight, dbias,
+                         n_threads)
+        return dx2.reshape(saved.shape), dweight, dbias
     if saved.batch_stats and g.inner == 1 and not layout_cl:
         # Groups of consecutive rows with their own statistics: fused, one read of x and dy.
         sdy = np.empty(R)

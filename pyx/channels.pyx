@@ -1,9 +1,12 @@
-"""BatchNorm's forward in one call: statistics per channel over (N, *spatial), then the apply.
+"""BatchNorm's forward and backward, each in one call: statistics per channel over
+(N, *spatial), then the apply; the gradient sums per channel, the combine, then the apply.
 
 x is viewed as rows [R, L], R = N*C, row r = (n, c) with c = r % C. With batch statistics:
-per-row moments (blocks merged in order, parallel over rows and blocks), merged per channel
-over n in order with Chan's formula (row_ops.h nc_merge_step), which keeps a constant channel
-exact: equal row means merge with delta = 0.
+rows shorter than SHORT_ROW are summed in blocks of whole rows of one channel (channel_ops.h:
+one fold per block instead of one per row), longer rows per row (blocks merged in order,
+parallel over rows and blocks); either way the parts are merged per channel in order with
+Chan's formula (row_ops.h nc_merge_step), which keeps a constant channel exact: equal means
+merge with delta = 0.
 With given statistics (running mean and var), those. Then rstd = 1/sqrt(max(var, 0) + eps) and
 y = (x - mean_c) * (rstd_c * weight_c) + bias_c. Everything between the two passes over x is
 done here, in C, so that a tiny input costs one Python call (no NumPy temporaries), and the
@@ -15,11 +18,52 @@ from libc.stdlib cimport free, malloc
 
 from fused_types cimport floating
 from chunking cimport BLOCK, n_blocks, block_len, use_threads
-from blocks cimport apply_forward, nc_merge_step, nc_rstd
-from row_loops cimport apply_short_rows, rows_moments
+from blocks cimport apply_backward, apply_forward, block_grad_sums, nc_merge_step, nc_rstd
+from channel_ops cimport (NC_SHORT_ROW, apply_backward_row_range, channel_block_grad_sums,
+                          channel_block_moments)
+from row_loops cimport TASK_VALUES, apply_short_rows, rows_moments
 
 cdef enum:
     STACK_ROWS = 256   # row statistics of at most this many rows stay on the stack
+
+# Rows shorter than this are reduced in blocks of several rows of a channel (channel_ops.h).
+SHORT_ROW = NC_SHORT_ROW
+
+
+cdef inline Py_ssize_t rows_per_block(Py_ssize_t L) noexcept nogil:
+    """Rows of one channel per block of the short-row path (L < NC_SHORT_ROW <= BLOCK)."""
+    return BLOCK // L
+
+
+cdef int short_row_moments(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, double* mean,
+                           double* m2, int n_threads, bint par) except -1 nogil:
+    """Per-channel (mean, M2) of x [N, C, L], L < NC_SHORT_ROW: each channel's rows in blocks of
+    rows_per_block(L) rows (channel_ops.h), in parallel, then the blocks merged in order."""
+    cdef Py_ssize_t per = rows_per_block(L)
+    cdef Py_ssize_t nblk = (N + per - 1) // per
+    cdef Py_ssize_t t, c, b, n0
+    cdef double na, mu, q
+    cdef double* parts = <double*>malloc(2 * C * nblk * sizeof(double))
+    if parts == NULL:
+        with gil:
+            raise MemoryError("channel moments: no memory for the moments of the blocks")
+    for t in prange(C * nblk, num_threads=n_threads, use_threads_if=par, schedule="static"):
+        c = t // nblk
+        n0 = (t - c * nblk) * per
+        channel_block_moments(x, C, L, c, n0, min(N, n0 + per), &parts[2 * t], &parts[2 * t + 1])
+    for c in range(C):
+        na = 0.0
+        mu = 0.0
+        q = 0.0
+        for b in range(nblk):
+            n0 = b * per
+            nc_merge_step(&na, &mu, &q, <double>((min(N, n0 + per) - n0) * L), parts[2 * (c * nblk + b)],
+                          parts[2 * (c * nblk + b) + 1])
+        mean[c] = mu
+        m2[c] = q
+    free(parts)
+    return 0
+
 
 
 def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
@@ -52,7 +96,12 @@ def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
         return
     N = R // C
     nb = n_blocks(L)
-    if batch_stats:
+    if batch_stats and L < NC_SHORT_ROW:
+        with nogil:
+            short_row_moments(&x[0, 0], N, C, L, &mean[0], &m2[0], n_threads, par)
+        for c in range(C):
+            rstd[c] = nc_rstd(m2[c], <double>(N * L), eps)
+    elif batch_stats:
         if R > STACK_ROWS:
             rows = <double*>malloc(2 * R * sizeof(double))
             if rows == NULL:
@@ -87,3 +136,145 @@ def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
         b = t - r * nb
         c = r % C
         apply_forward(&x[r, b * BLOCK], &y[r, b * BLOCK], block_len(L, b), mean[c], scale[c], bias[c])
+
+
+cdef int channel_grad_sums(const floating* x, const floating* dy, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
+                           const double* center, double* sum_dy, double* sum_dy_xc, int n_threads,
+                           bint par) except -1 nogil:
+    """Per channel c: sum(dy) and sum(dy * (x - center[c])) over its N rows of L values, in
+    float64 (OUT: sum_dy[C], sum_dy_xc[C]). Short rows (L < NC_SHORT_ROW): blocks of rows of a
+    channel; longer rows: per-row sums of BLOCK-sized pieces (grad_sums.row_grad_sums); either
+    way the partial sums are added in a fixed order."""
+    cdef Py_ssize_t per, nblk, nb, t, c, b, n0, r, n
+    cdef Py_ssize_t n_parts
+    cdef double s, u
+    cdef double* parts
+    if L < NC_SHORT_ROW:
+        per = rows_per_block(L)
+        nblk = (N + per - 1) // per
+        n_parts = C * nblk
+    else:
+        nb = n_blocks(L)
+        n_parts = N * C * nb
+    parts = <double*>malloc(2 * n_parts * sizeof(double))
+    if parts == NULL:
+        with gil:
+            raise MemoryError("channel gradient sums: no memory for the partial sums")
+    if L < NC_SHORT_ROW:
+        for t in prange(n_parts, num_threads=n_threads, use_threads_if=par, schedule="static"):
+            c = t // nblk
+            n0 = (t - c * nblk) * per
+            channel_block_grad_sums(x, dy, C, L, c, n0, min(N, n0 + per), center[c], &parts[2 * t],
+                                    &parts[2 * t + 1])
+        for c in range(C):
+            s = 0.0
+            u = 0.0
+            for b in range(nblk):
+                s = s + parts[2 * (c * nblk + b)]
+                u = u + parts[2 * (c * nblk + b) + 1]
+            sum_dy[c] = s
+            sum_dy_xc[c] = u
+    else:
+        for t in prange(n_parts, num_threads=n_threads, use_threads_if=par, schedule="static"):
+            r = t // nb
+            b = t - r * nb
+            block_grad_sums(x + r * L + b * BLOCK, dy + r * L + b * BLOCK, block_len(L, b), center[r % C],
+                            &parts[2 * t], &parts[2 * t + 1])
+        for c in range(C):
+            s = 0.0
+            u = 0.0
+            for n in range(N):
+                # a row's blocks in order, then the rows in batch order
+                r = n * C + c
+                s = s + _sum_blocks(&parts[2 * r * nb], nb)
+                u = u + _sum_blocks(&parts[2 * r * nb + 1], nb)
+            sum_dy[c] = s
+            sum_dy_xc[c] = u
+    free(parts)
+    return 0
+
+
+cdef inline double _sum_blocks(const double* parts, Py_ssize_t nb) noexcept nogil:
+    """parts[0] + parts[2] + ... + parts[2 * (nb - 1)], in order."""
+    cdef double a = parts[0]
+    cdef Py_ssize_t b
+    for b in range(1, nb):
+        a = a + parts[2 * b]
+    return a
+
+
+def channel_backward(const floating[:, ::1] x,    # IN  [R, L], R = N * C: the forward's input
+                     const floating[:, ::1] dy,   # IN  [R, L]
+                     floating[:, ::1] dx,         # OUT [R, L] (may be dy itself)
+                     Py_ssize_t C,
+                     const double[::1] weight,    # IN  [C] the forward's weight (ones without)
+                     const double[::1] mean,      # IN  [C] the forward's mean (batch or given)
+                     const double[::1] rstd,      # IN  [C] the forward's 1 / sqrt(var + eps)
+                     bint batch_stats,
+                     double[::1] dweight,         # OUT [C]
+                     double[::1] dbias,           # OUT [C]
+                     int n_threads=1):
+    """BatchNorm's backward per channel in one call: the gradient sums, the combine and the
+    apply (the contract of grouped.backward; the caller has checked the shapes).
+
+    dbias = sum(dy), dweight = sum(dy * (x - mean)) * rstd per channel over (N, L). With batch
+    statistics dx = a * dy + b * (x - mean) + c, a = rstd * w, b = -rstd^3 * w * sum(dy * (x -
+    mean)) / M, c = -rstd * w * sum(dy) / M (M = N * L); with given statistics (constants)
+    dx = rstd * w * dy exactly, reading neither x nor the mean.
+    """
+    cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
+    cdef Py_ssize_t N, nb, t, r, k, p, c, per
+    cdef double M, rs, s1, s2
+    cdef double* coef
+    cdef double *a
+    cdef double *b
+    cdef double *cc
+    cdef double *center
+    cdef double *sxc
+    cdef const floating* xa
+    cdef bint par = use_threads(n_threads, R * L)
+    if R == 0 or L == 0:
+        dweight[:] = 0.0
+        dbias[:] = 0.0
+        return
+    N = R // C
+    coef = <double*>malloc(5 * C * sizeof(double))
+    if coef == NULL:
+        raise MemoryError()
+    a, b, cc, center, sxc = coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C
+    try:
+        with nogil:
+            channel_grad_sums(&x[0, 0], &dy[0, 0], N, C, L, &mean[0], &dbias[0], sxc, n_threads, par)
+            M = <double>(N * L)
+            for c in range(C):
+                rs = rstd[c]
+                dweight[c] = sxc[c] * rs
+                a[c] = rs * weight[c]
+                if batch_stats:
+                    s1 = weight[c] * dbias[c]
+                    s2 = weight[c] * sxc[c]
+                    b[c] = -(rs * rs * rs) * s2 / M
+                    cc[c] = -rs * s1 / M
+                    center[c] = mean[c]
+                else:
+                    b[c] = 0.0
+                    cc[c] = 0.0
+                    center[c] = 0.0
+            # given statistics: the apply reads dy in place of x (b = c = 0: dx = a * dy)
+            xa = &x[0, 0] if batch_stats else &dy[0, 0]
+            if L < NC_SHORT_ROW:
+                per = TASK_VALUES // L
+                for t in prange((R + per - 1) // per, num_threads=n_threads, use_threads_if=par,
+                                schedule="static"):
+                    apply_backward_row_range(&dy[0, 0], xa, &dx[0, 0], t * per, min(R, t * per + per), L, C,
+                                             center, a, b, cc)
+            else:
+                nb = n_blocks(L)
+                for t in prange(R * nb, num_threads=n_threads, use_threads_if=par, schedule="static"):
+                    r = t // nb
+                    k = t - r * nb
+                    p = r % C
+                    apply_backward(&dy[r, k * BLOCK], xa + r * L + k * BLOCK, &dx[r, k * BLOCK],
+                                   block_len(L, k), center[p], a[p], b[p], cc[p])
+    finally:
+        free(coef)

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
-from normcore._kernels.channels import channel_forward
+from normcore._kernels.channels import SHORT_ROW, channel_backward, channel_forward
 from normcore._kernels.combine import merge_moments, sum_groups
 from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
 from normcore._kernels.groups import group_backward, group_forward
@@ -853,6 +853,128 @@ def test_channel_nan_confined(dtype, case, n_threads, where):
     assert np.all(np.isnan(y[nan_y]))
     assert same_bits(y[~nan_y], y_clean[~nan_y])
     assert np.all(np.isfinite(y[~nan_y]))
+
+
+# ---------------------------------------------------------------------- channel_backward
+
+def np_channel_backward(x, dy, C, weight, mean, rstd):
+    """BatchNorm's backward with batch statistics, as np_group_backward on each channel's
+    N * L values: (dx, its magnitude, dbias, dweight, their magnitudes)."""
+    R, L = x.shape
+    N = R // C
+
+    def by_channel(a):
+        return f64(a).reshape(N, C, L).transpose(1, 0, 2).reshape(C, N * L)
+
+    def by_row(a):
+        return a.reshape(C, N, L).transpose(1, 0, 2).reshape(R, L)
+
+    dx, mag, sdy, sdyxc, sdy_mag, sdyxc_mag = np_group_backward(by_channel(x), by_channel(dy), 1, C, weight, mean,
+                                                                rstd)
+    return by_row(dx), by_row(mag), sdy, sdyxc * rstd, sdy_mag, sdyxc_mag * rstd
+
+
+# (R, L, C): the forward's cases, every tail length of the short-row path (L % 16) with
+# channels of several blocks of rows (N * L > BLOCK), the longest short row and the shortest
+# long one, and a dwsep-sized input over PARALLEL_MIN (threaded with n_threads=3).
+CHANNEL_BACKWARD_CASES = CHANNEL_CASES + [
+    (2 * (BLOCK // L + 3), L, 2) for L in (2, 4, 5, 7, 8, 9, 12, 15, 16, 17, 31, 36, 49)] + [
+    (6, SHORT_ROW - 1, 3), (6, SHORT_ROW, 3), (16 * 128, 36, 128)]
+
+
+def _channel_backward_run(x, dy, C, weight, mean, rstd, batch_stats, n_threads, dx=None):
+    dx = np.full_like(x, np.nan) if dx is None else dx
+    dweight, dbias = np.full(C, np.nan), np.full(C, np.nan)
+    channel_backward(x, dy, dx, C, weight, mean, rstd, batch_stats, dweight, dbias, n_threads)
+    return dx, dweight, dbias
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("case", CHANNEL_BACKWARD_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_backward(dtype, case, n_threads):
+    R, L, C = case
+    rng = np.random.default_rng(21)
+    x = make(rng, (R, L), dtype, loc=4.0, spread=2.0)
+    dy = make(rng, (R, L), dtype)
+    weight, _ = group_params(rng, C)
+    mean, _, rstd = np_channel_forward(x, C, weight, np.zeros(C), EPS)[:3]
+    want, mag, want_db, want_dw, db_mag, dw_mag = np_channel_backward(x, dy, C, weight, mean, rstd)
+    dx, dweight, dbias = _channel_backward_run(x, dy, C, weight, mean, rstd, True, n_threads)
+    assert dx.dtype == dtype
+    assert_within(dbias, want_db, db_mag, RTOL_SUM, "dbias")
+    assert_within(dweight, want_dw, dw_mag, RTOL_SUM, "dweight")
+    assert_within(dx, want, mag, RTOL_OUT[dtype], "dx")
+    # dx may be dy itself; another thread count: the same bits
+    dyi = dy.copy()
+    in_place = _channel_backward_run(x, dyi, C, weight, mean, rstd, True, n_threads, dx=dyi)
+    assert all(same_bits(a, b) for a, b in zip(in_place, (dx, dweight, dbias))), "in place"
+    other = _channel_backward_run(x, dy, C, weight, mean, rstd, True, 2)
+    assert all(same_bits(a, b) for a, b in zip(other, (dx, dweight, dbias))), "2 threads"
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("case", CHANNEL_SPECIAL_CASES + [(2 * 300, 36, 2)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_backward_given_stats(dtype, case, n_threads):
+    """With given statistics dx = rstd * weight * dy, in float64 rounded once, reading neither
+    x nor the mean (a NaN in x or an infinite mean reaches no dx); the parameter gradients
+    are the sums centered on the given mean."""
+    R, L, C = case
+    rng = np.random.default_rng(22)
+    x = make(rng, (R, L), dtype, loc=4.0, spread=2.0)
+    dy = make(rng, (R, L), dtype)
+    weight, _ = group_params(rng, C)
+    mean, var = given_stats(rng, C, 4.0)
+    rstd = 1.0 / np.sqrt(np.maximum(var, 0.0) + EPS)
+    dx, dweight, dbias = _channel_backward_run(x, dy, C, weight, mean, rstd, False, n_threads)
+    c = rows_of(R, C)
+    assert same_bits(dx, ((rstd * weight)[c][:, None] * f64(dy)).astype(dtype))
+    _, _, want_db, want_dw, db_mag, dw_mag = np_channel_backward(x, dy, C, weight, mean, rstd)
+    assert_within(dbias, want_db, db_mag, RTOL_SUM, "dbias")
+    assert_within(dweight, want_dw, dw_mag, RTOL_SUM, "dweight")
+    xn, mean_inf = x.copy(), mean.copy()
+    xn[1, L // 2] = np.nan
+    mean_inf[0] = np.inf
+    with np.errstate(invalid="ignore"):
+        dx_n = _channel_backward_run(xn, dy, C, weight, mean_inf, rstd, False, n_threads)[0]
+    assert same_bits(dx_n, dx)
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("case", CHANNEL_SPECIAL_CASES + [(2 * 300, 36, 2)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_backward_nan_confined(dtype, case, n_threads):
+    """A NaN in x of channel 1 (batch statistics): channel 1's dx and dweight are NaN; every
+    other output has the bits of the input without it."""
+    R, L, C = case
+    rng = np.random.default_rng(23)
+    x = make(rng, (R, L), dtype, loc=2.0, spread=3.0)
+    dy = make(rng, (R, L), dtype)
+    weight, _ = group_params(rng, C)
+    mean, _, rstd = np_channel_forward(x, C, weight, np.zeros(C), EPS)[:3]
+    clean = _channel_backward_run(x, dy, C, weight, mean, rstd, True, n_threads)
+    xn = x.copy()
+    xn[R - C + 1, L // 2] = np.nan
+    mean_n = mean.copy()
+    mean_n[1] = np.nan  # what the forward of xn gives channel 1
+    with np.errstate(invalid="ignore"):
+        dx, dweight, dbias = _channel_backward_run(xn, dy, C, weight, mean_n, rstd, True, n_threads)
+    rows = rows_of(R, C) == 1
+    assert np.all(np.isnan(dx[rows])) and np.isnan(dweight[1])
+    assert same_bits(dx[~rows], clean[0][~rows]) and same_bits(dbias, clean[2])
+    others = np.arange(C) != 1
+    assert same_bits(dweight[others], clean[1][others])
+
+
+@pytest.mark.parametrize("case", [(0, 5, 3), (6, 0, 3)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_backward_empty(dtype, case):
+    """R == 0 or L == 0: zero parameter gradients, no dx to write."""
+    R, L, C = case
+    x = np.ones((R, L), dtype)
+    dx, dweight, dbias = _channel_backward_run(x, x, C, np.ones(C), np.zeros(C), np.ones(C), True, 3)
+    assert np.array_equal(dweight, np.zeros(C)) and np.array_equal(dbias, np.zeros(C))
 
 
 @pytest.mark.parametrize("batch_stats", STATS, ids=STATS_IDS)
