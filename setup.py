@@ -114,7 +114,9 @@ class BuildExt(build_ext):
             opt = ["/O2"]
         else:
             # -fno-math-errno: sqrt may be vectorised (nothing here reads errno).
-            opt = ["-O3", "-fno-math-errno"]
+            # -ffp-contract=off: no a * b + c fused into an FMA where the instruction set has one
+            # (the AVX-512 clones, -march=native), so every variant rounds the same operations.
+            opt = ["-O3", "-fno-math-errno", "-ffp-contract=off"]
             if _truthy("NORMCORE_NATIVE"):
                 opt.append("-march=native")
         sanitize = os.environ.get("NORMCORE_SANITIZE", "").strip()
@@ -122,7 +124,7 @@ class BuildExt(build_ext):
             if self.compiler.compiler_type == "msvc":
                 raise RuntimeError("NORMCORE_SANITIZE needs gcc or clang")
             san = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
-            opt = ["-O1", "-fno-math-errno"] + san
+            opt = ["-O1", "-fno-math-errno", "-ffp-contract=off"] + san
             lflags = lflags + san
         for ext in self.extensions:
             ext.extra_compile_args = opt + cflags + list(ext.extra_compile_args or [])

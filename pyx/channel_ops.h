@@ -98,6 +98,26 @@ NC_INLINE void nc_lanes_fold(const nc_lanes *L, double *a, double *b)
     *b = nc_fold_lanes(vb);
 }
 
+/* BatchNorm's combine for one channel's backward, from its sums over (N, L) (M values):
+ * dweight = sum(dy * (x - mean)) * rstd and the apply's coefficients. With batch statistics
+ * dx = a * dy + b * (x - mean) + c, a = rstd * w and b, c of row_ops.h's nc_bwd_coeffs on
+ * g = w * dy; with given ones (constants) b = c = 0 and center 0: dx = a * dy exactly. */
+NC_INLINE void nc_channel_bwd_combine(double rstd, double w, double mean, double sum_dy, double sum_dy_xc,
+                                      double M, int batch_stats, double *dweight, double *a, double *b,
+                                      double *c, double *center)
+{
+    *dweight = sum_dy_xc * rstd;
+    *a = rstd * w;
+    if (batch_stats) {
+        nc_bwd_coeffs(rstd, w * sum_dy, w * sum_dy_xc, M, b, c);
+        *center = mean;
+    } else {
+        *b = 0.0;
+        *c = 0.0;
+        *center = 0.0;
+    }
+}
+
 #define T float
 #define NC_NAME(name) name##_f32
 #include "channel_ops_impl.h"

@@ -47,10 +47,9 @@ NC_MULTIVERSION static void NC_NAME(nc_channel_block_moments)(const T *x, ptrdif
 }
 
 /* Gradient sums of a block (as above): sum(dy) and sum(dy * (x - center)). */
-NC_MULTIVERSION static void NC_NAME(nc_channel_block_grad_sums)(const T *x, const T *dy, ptrdiff_t C,
-                                                               ptrdiff_t L, ptrdiff_t c, ptrdiff_t n0,
-                                                               ptrdiff_t n1, double center,
-                                                               double *sum_dy, double *sum_dy_xc)
+NC_INLINE void NC_NAME(nc_chblk_grad_sums)(const T *x, const T *dy, ptrdiff_t C, ptrdiff_t L, ptrdiff_t c,
+                                           ptrdiff_t n0, ptrdiff_t n1, double center, double *sum_dy,
+                                           double *sum_dy_xc)
 {
     const ptrdiff_t first = (n0 * C + c) * L;
     const T *xr = x + first, *gr = dy + first;
@@ -77,6 +76,40 @@ NC_MULTIVERSION static void NC_NAME(nc_channel_block_grad_sums)(const T *x, cons
         }
     }
     nc_lanes_fold(&acc, sum_dy, sum_dy_xc);
+}
+
+NC_MULTIVERSION static void NC_NAME(nc_channel_block_grad_sums)(const T *x, const T *dy, ptrdiff_t C,
+                                                               ptrdiff_t L, ptrdiff_t c, ptrdiff_t n0,
+                                                               ptrdiff_t n1, double center,
+                                                               double *sum_dy, double *sum_dy_xc)
+{ NC_NAME(nc_chblk_grad_sums)(x, dy, C, L, c, n0, n1, center, sum_dy, sum_dy_xc); }
+
+/* BatchNorm's whole backward for channel c of x, dy, dx [N, C, L] (L < NC_SHORT_ROW) while the
+ * channel sits in cache: its gradient sums block by block (blocks of NC_BLOCK / L rows, added
+ * in order), nc_channel_bwd_combine, then dx of its rows (dx may be dy itself). The same steps
+ * as the separate passes (nc_channel_block_grad_sums, then nc_apply_rows_bwd_range): the same
+ * bits. (OUT: dx of the channel's rows, *dweight, *dbias) */
+NC_MULTIVERSION static void NC_NAME(nc_channel_backward)(const T *x, const T *dy, T *dx, ptrdiff_t N,
+                                                        ptrdiff_t C, ptrdiff_t L, ptrdiff_t c, double w,
+                                                        double mean, double rstd, int batch_stats,
+                                                        double *dweight, double *dbias)
+{
+    const ptrdiff_t per = NC_BLOCK / L;
+    double s = 0.0, u = 0.0;
+    for (ptrdiff_t n0 = 0; n0 < N; n0 += per) {
+        double bs, bu;
+        NC_NAME(nc_chblk_grad_sums)(x, dy, C, L, c, n0, N - n0 < per ? N : n0 + per, mean, &bs, &bu);
+        s = s + bs;
+        u = u + bu;
+    }
+    double a, b, cc, center;
+    nc_channel_bwd_combine(rstd, w, mean, s, u, (double)(N * L), batch_stats, dweight, &a, &b, &cc, &center);
+    *dbias = s;
+    const T *xa = batch_stats ? x : dy; /* given statistics: dx = a * dy reads no x */
+    for (ptrdiff_t n = 0; n < N; n++) {
+        const ptrdiff_t off = (n * C + c) * L;
+        NC_NAME(nc_apply_bwd)(dy + off, xa + off, dx + off, L, center, a, b, cc);
+    }
 }
 
 /* dx = a * dy + (b * (x - center) + c) on rows r0 .. r1-1 of L (dy, x, dx point at row 0), the

@@ -19,8 +19,8 @@ from libc.stdlib cimport free, malloc
 from fused_types cimport floating
 from chunking cimport BLOCK, n_blocks, block_len, use_threads
 from blocks cimport apply_backward, apply_forward, block_grad_sums, nc_merge_step, nc_rstd
-from channel_ops cimport (NC_SHORT_ROW, apply_backward_row_range, channel_block_grad_sums,
-                          channel_block_moments)
+from channel_ops cimport (NC_SHORT_ROW, apply_backward_row_range, channel_backward_fused,
+                          channel_block_grad_sums, channel_block_moments, nc_channel_bwd_combine)
 from row_loops cimport TASK_VALUES, apply_short_rows, rows_moments
 
 cdef enum:
@@ -28,6 +28,12 @@ cdef enum:
 
 # Rows shorter than this are reduced in blocks of several rows of a channel (channel_ops.h).
 SHORT_ROW = NC_SHORT_ROW
+cdef enum:
+    # The short-row backward runs one channel per task (fused: x and dy read from memory once)
+    # when there are at least this many channels per thread; else in separate parallel passes
+    # over blocks, which give the same bits.
+    FUSED_MIN_CHANNELS_ = 4
+FUSED_MIN_CHANNELS = FUSED_MIN_CHANNELS_
 
 
 cdef inline Py_ssize_t rows_per_block(Py_ssize_t L) noexcept nogil:
@@ -224,7 +230,6 @@ def channel_backward(const floating[:, ::1] x,    # IN  [R, L], R = N * C: the f
     """
     cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
     cdef Py_ssize_t N, nb, t, r, k, p, c, per
-    cdef double M, rs, s1, s2
     cdef double* coef
     cdef double *a
     cdef double *b
@@ -244,37 +249,31 @@ def channel_backward(const floating[:, ::1] x,    # IN  [R, L], R = N * C: the f
     a, b, cc, center, sxc = coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C
     try:
         with nogil:
-            channel_grad_sums(&x[0, 0], &dy[0, 0], N, C, L, &mean[0], &dbias[0], sxc, n_threads, par)
-            M = <double>(N * L)
-            for c in range(C):
-                rs = rstd[c]
-                dweight[c] = sxc[c] * rs
-                a[c] = rs * weight[c]
-                if batch_stats:
-                    s1 = weight[c] * dbias[c]
-                    s2 = weight[c] * sxc[c]
-                    b[c] = -(rs * rs * rs) * s2 / M
-                    cc[c] = -rs * s1 / M
-                    center[c] = mean[c]
-                else:
-                    b[c] = 0.0
-                    cc[c] = 0.0
-                    center[c] = 0.0
-            # given statistics: the apply reads dy in place of x (b = c = 0: dx = a * dy)
-            xa = &x[0, 0] if batch_stats else &dy[0, 0]
-            if L < NC_SHORT_ROW:
-                per = TASK_VALUES // L
-                for t in prange((R + per - 1) // per, num_threads=n_threads, use_threads_if=par,
-                                schedule="static"):
-                    apply_backward_row_range(&dy[0, 0], xa, &dx[0, 0], t * per, min(R, t * per + per), L, C,
-                                             center, a, b, cc)
+            if L < NC_SHORT_ROW and (not par or C >= FUSED_MIN_CHANNELS_ * n_threads):
+                # one channel per task, read from memory once: the bits of the passes below
+                for c in prange(C, num_threads=n_threads, use_threads_if=par, schedule="static"):
+                    channel_backward_fused(&x[0, 0], &dy[0, 0], &dx[0, 0], N, C, L, c, weight[c], mean[c],
+                                           rstd[c], batch_stats, &dweight[c], &dbias[c])
             else:
-                nb = n_blocks(L)
-                for t in prange(R * nb, num_threads=n_threads, use_threads_if=par, schedule="static"):
-                    r = t // nb
-                    k = t - r * nb
-                    p = r % C
-                    apply_backward(&dy[r, k * BLOCK], xa + r * L + k * BLOCK, &dx[r, k * BLOCK],
-                                   block_len(L, k), center[p], a[p], b[p], cc[p])
+                channel_grad_sums(&x[0, 0], &dy[0, 0], N, C, L, &mean[0], &dbias[0], sxc, n_threads, par)
+                for c in range(C):
+                    nc_channel_bwd_combine(rstd[c], weight[c], mean[c], dbias[c], sxc[c], <double>(N * L), batch_stats,
+                                           &dweight[c], &a[c], &b[c], &cc[c], &center[c])
+                # given statistics: the apply reads dy in place of x (b = c = 0: dx = a * dy)
+                xa = &x[0, 0] if batch_stats else &dy[0, 0]
+                if L < NC_SHORT_ROW:
+                    per = TASK_VALUES // L
+                    for t in prange((R + per - 1) // per, num_threads=n_threads, use_threads_if=par,
+                                    schedule="static"):
+                        apply_backward_row_range(&dy[0, 0], xa, &dx[0, 0], t * per, min(R, t * per + per), L, C,
+                                                 center, a, b, cc)
+                else:
+                    nb = n_blocks(L)
+                    for t in prange(R * nb, num_threads=n_threads, use_threads_if=par, schedule="static"):
+                        r = t // nb
+                        k = t - r * nb
+                        p = r % C
+                        apply_backward(&dy[r, k * BLOCK], xa + r * L + k * BLOCK, &dx[r, k * BLOCK],
+                                       block_len(L, k), center[p], a[p], b[p], cc[p])
     finally:
         free(coef)

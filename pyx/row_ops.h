@@ -406,7 +406,7 @@ NC_INLINE void nc_apply_cols_bwd_##SFX(const T *dy, const T *x, T *dx, ptrdiff_t
         dx[j] = (T)(a * ((double)w[j] * (double)dy[j]) + (b * ((double)x[j] - center) + c));    \
 }                                                                                               \
                                                                                                 \
-/* ---- entry points (compiled for AVX2 and the baseline) ---- */                               \
+/* ---- entry points (compiled per instruction set: multiversion.h) ---- */                    \
                                                                                                 \
 NC_MULTIVERSION static void nc_block_moments_##SFX(const T *x, ptrdiff_t n, double *mean,       \
                                                    double *m2)                                  \

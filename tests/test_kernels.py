@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
-from normcore._kernels.channels import SHORT_ROW, channel_backward, channel_forward
+from normcore._kernels.channels import FUSED_MIN_CHANNELS, SHORT_ROW, channel_backward, channel_forward
 from normcore._kernels.combine import merge_moments, sum_groups
 from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
 from normcore._kernels.groups import group_backward, group_forward
@@ -911,6 +911,28 @@ def test_channel_backward(dtype, case, n_threads):
     assert all(same_bits(a, b) for a, b in zip(in_place, (dx, dweight, dbias))), "in place"
     other = _channel_backward_run(x, dy, C, weight, mean, rstd, True, 2)
     assert all(same_bits(a, b) for a, b in zip(other, (dx, dweight, dbias))), "2 threads"
+
+
+# (R, L, C) over PARALLEL_MIN with short rows and fewer than FUSED_MIN_CHANNELS channels per
+# thread at 2 and 3 threads (separate passes) but fused at 1; tails of 1 and 4.
+FUSED_SPLIT_CASES = [(3 * 1500, 49, 3), (6 * 400, 36, 6), (5 * 2000, 16, 5)]
+
+
+@pytest.mark.parametrize("batch_stats", STATS, ids=STATS_IDS)
+@pytest.mark.parametrize("case", FUSED_SPLIT_CASES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channel_backward_fused_and_split_same_bits(dtype, case, batch_stats):
+    R, L, C = case
+    assert R * L >= PARALLEL_MIN and L < SHORT_ROW and C < FUSED_MIN_CHANNELS * 2
+    rng = np.random.default_rng(24)
+    x = make(rng, (R, L), dtype, loc=4.0, spread=2.0)
+    dy = make(rng, (R, L), dtype)
+    weight, _ = group_params(rng, C)
+    mean, _, rstd = np_channel_forward(x, C, weight, np.zeros(C), EPS)[:3]
+    fused = _channel_backward_run(x, dy, C, weight, mean, rstd, batch_stats, 1)
+    for n_threads in (2, 3):
+        split = _channel_backward_run(x, dy, C, weight, mean, rstd, batch_stats, n_threads)
+        assert all(same_bits(a, b) for a, b in zip(split, fused)), f"{n_threads} threads"
 
 
 @pytest.mark.parametrize("n_threads", THREADS)
