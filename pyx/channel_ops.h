@@ -27,6 +27,9 @@
 /* Rows shorter than this take the block path: at NC_SHORT_ROW values the per-row costs are
  * already a few percent of a row's work. */
 #define NC_SHORT_ROW 1024
+/* A channel whose x and dy take at most this many bytes is in cache (L2) for the second read
+ * of its backward: its rows (up to a block each) take the block path and the fused backward. */
+#define NC_FUSED_CHANNEL_BYTES (256 * 1024)
 
 /* Four float64 lanes and their operations: GCC / clang vector extensions (one AVX or two SSE2
  * operations, by the clone), else row_ops.h's struct of four doubles. */

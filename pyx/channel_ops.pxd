@@ -4,6 +4,7 @@ from fused_types cimport floating
 
 cdef extern from "channel_ops.h" nogil:
     enum: NC_SHORT_ROW
+    enum: NC_FUSED_CHANNEL_BYTES
     void nc_channel_block_moments_f32(const float* x, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c,
                                       Py_ssize_t n0, Py_ssize_t n1, double* mean, double* m2)
     void nc_channel_block_moments_f64(const double* x, Py_ssize_t C, Py_ssize_t L, Py_ssize_t c,

@@ -84,7 +84,7 @@ NC_MULTIVERSION static void NC_NAME(nc_channel_block_grad_sums)(const T *x, cons
                                                                double *sum_dy, double *sum_dy_xc)
 { NC_NAME(nc_chblk_grad_sums)(x, dy, C, L, c, n0, n1, center, sum_dy, sum_dy_xc); }
 
-/* BatchNorm's whole backward for channel c of x, dy, dx [N, C, L] (L < NC_SHORT_ROW) while the
+/* BatchNorm's whole backward for channel c of x, dy, dx [N, C, L] (L <= NC_BLOCK) while the
  * channel sits in cache: its gradient sums block by block (blocks of NC_BLOCK / L rows, added
  * in order), nc_channel_bwd_combine, then dx of its rows (dx may be dy itself). The same steps
  * as the separate passes (nc_channel_block_grad_sums, then nc_apply_rows_bwd_range): the same

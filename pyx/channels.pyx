@@ -19,7 +19,7 @@ from libc.stdlib cimport free, malloc
 from fused_types cimport floating
 from chunking cimport BLOCK, n_blocks, block_len, use_threads
 from blocks cimport apply_backward, apply_forward, block_grad_sums, nc_merge_step, nc_rstd
-from channel_ops cimport (NC_SHORT_ROW, apply_backward_row_range, channel_backward_fused,
+from channel_ops cimport (NC_FUSED_CHANNEL_BYTES, NC_SHORT_ROW, apply_backward_row_range, channel_backward_fused,
                           channel_block_grad_sums, channel_block_moments, nc_channel_bwd_combine)
 from row_loops cimport TASK_VALUES, apply_short_rows, rows_moments
 
@@ -37,8 +37,19 @@ FUSED_MIN_CHANNELS = FUSED_MIN_CHANNELS_
 
 
 cdef inline Py_ssize_t rows_per_block(Py_ssize_t L) noexcept nogil:
-    """Rows of one channel per block of the short-row path (L < NC_SHORT_ROW <= BLOCK)."""
+    """Rows of one channel per block of the block path (L <= BLOCK)."""
     return BLOCK // L
+
+
+cdef inline bint channel_in_cache(Py_ssize_t N, Py_ssize_t L, Py_ssize_t itemsize) noexcept nogil:
+    """Whether a channel's x and dy (N rows of L values) fit NC_FUSED_CHANNEL_BYTES."""
+    return L <= BLOCK and 2 * N * L * itemsize <= NC_FUSED_CHANNEL_BYTES
+
+
+cdef inline bint backward_blocks(Py_ssize_t N, Py_ssize_t L, Py_ssize_t itemsize) noexcept nogil:
+    """Whether the backward sums a channel in blocks of rows (else row by row): short rows, or
+    a channel in cache. A function of the shape alone, so the bits are too."""
+    return L < NC_SHORT_ROW or channel_in_cache(N, L, itemsize)
 
 
 cdef int short_row_moments(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, double* mean,
@@ -145,17 +156,17 @@ def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
 
 
 cdef int channel_grad_sums(const floating* x, const floating* dy, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
-                           const double* center, double* sum_dy, double* sum_dy_xc, int n_threads,
+                           const double* center, double* sum_dy, double* sum_dy_xc, bint blocks, int n_threads,
                            bint par) except -1 nogil:
     """Per channel c: sum(dy) and sum(dy * (x - center[c])) over its N rows of L values, in
-    float64 (OUT: sum_dy[C], sum_dy_xc[C]). Short rows (L < NC_SHORT_ROW): blocks of rows of a
-    channel; longer rows: per-row sums of BLOCK-sized pieces (grad_sums.row_grad_sums); either
-    way the partial sums are added in a fixed order."""
+    float64 (OUT: sum_dy[C], sum_dy_xc[C]). blocks (backward_blocks): blocks of rows of a
+    channel; else per-row sums of BLOCK-sized pieces (grad_sums.row_grad_sums); either way the
+    partial sums are added in a fixed order."""
     cdef Py_ssize_t per, nblk, nb, t, c, b, n0, r, n
     cdef Py_ssize_t n_parts
     cdef double s, u
     cdef double* parts
-    if L < NC_SHORT_ROW:
+    if blocks:
         per = rows_per_block(L)
         nblk = (N + per - 1) // per
         n_parts = C * nblk
@@ -166,7 +177,7 @@ cdef int channel_grad_sums(const floating* x, const floating* dy, Py_ssize_t N, 
     if parts == NULL:
         with gil:
             raise MemoryError("channel gradient sums: no memory for the partial sums")
-    if L < NC_SHORT_ROW:
+    if blocks:
         for t in prange(n_parts, num_threads=n_threads, use_threads_if=par, schedule="static"):
             c = t // nblk
             n0 = (t - c * nblk) * per
@@ -230,6 +241,7 @@ def channel_backward(const floating[:, ::1] x,    # IN  [R, L], R = N * C: the f
     """
     cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
     cdef Py_ssize_t N, nb, t, r, k, p, c, per
+    cdef bint blocks
     cdef double* coef
     cdef double *a
     cdef double *b
@@ -249,19 +261,20 @@ def channel_backward(const floating[:, ::1] x,    # IN  [R, L], R = N * C: the f
     a, b, cc, center, sxc = coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C
     try:
         with nogil:
-            if L < NC_SHORT_ROW and (not par or C >= FUSED_MIN_CHANNELS_ * n_threads):
+            if channel_in_cache(N, L, sizeof(floating)) and (not par or C >= FUSED_MIN_CHANNELS_ * n_threads):
                 # one channel per task, read from memory once: the bits of the passes below
                 for c in prange(C, num_threads=n_threads, use_threads_if=par, schedule="static"):
                     channel_backward_fused(&x[0, 0], &dy[0, 0], &dx[0, 0], N, C, L, c, weight[c], mean[c],
                                            rstd[c], batch_stats, &dweight[c], &dbias[c])
             else:
-                channel_grad_sums(&x[0, 0], &dy[0, 0], N, C, L, &mean[0], &dbias[0], sxc, n_threads, par)
+                blocks = backward_blocks(N, L, sizeof(floating))
+                channel_grad_sums(&x[0, 0], &dy[0, 0], N, C, L, &mean[0], &dbias[0], sxc, blocks, n_threads, par)
                 for c in range(C):
                     nc_channel_bwd_combine(rstd[c], weight[c], mean[c], dbias[c], sxc[c], <double>(N * L), batch_stats,
                                            &dweight[c], &a[c], &b[c], &cc[c], &center[c])
                 # given statistics: the apply reads dy in place of x (b = c = 0: dx = a * dy)
                 xa = &x[0, 0] if batch_stats else &dy[0, 0]
-                if L < NC_SHORT_ROW:
+                if blocks:
                     per = TASK_VALUES // L
                     for t in prange((R + per - 1) // per, num_threads=n_threads, use_threads_if=par,
                                     schedule="static"):
