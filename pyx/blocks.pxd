@@ -55,6 +55,17 @@ cdef inline void merge_block_moments(const double* parts, Py_ssize_t nb, Py_ssiz
     m2[0] = q
 
 
+cdef inline void sum_parts(const double* parts, Py_ssize_t nb, double* s, double* t) noexcept nogil:
+    """The sums of nb consecutive (s, t) pairs of blocks, added in block order (OUT: s, t)."""
+    cdef Py_ssize_t b
+    cdef double a = parts[0], c = parts[1]
+    for b in range(1, nb):
+        a = a + parts[2 * b]
+        c = c + parts[2 * b + 1]
+    s[0] = a
+    t[0] = c
+
+
 cdef inline void merge_equal_rows(const double* mean, const double* m2, Py_ssize_t stride, Py_ssize_t k,
                                   double count, double* out_mean, double* out_m2) noexcept nogil:
     """Merge k rows of `count` elements each, row j's (mean, M2) at mean[j * stride], m2[j * stride],

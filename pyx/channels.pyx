@@ -18,7 +18,8 @@ from libc.stdlib cimport free, malloc
 
 from fused_types cimport floating
 from chunking cimport BLOCK, n_blocks, block_len, use_threads
-from blocks cimport apply_backward, apply_forward, block_grad_sums, nc_merge_step, nc_rstd
+from blocks cimport (apply_backward, apply_forward, block_grad_sums, merge_block_moments, nc_merge_step, nc_rstd,
+                    sum_parts)
 from channel_ops cimport (NC_FUSED_CHANNEL_BYTES, NC_SHORT_ROW, apply_backward_row_range, channel_backward_fused,
                           channel_block_grad_sums, channel_block_moments, nc_channel_bwd_combine)
 from row_loops cimport TASK_VALUES, apply_short_rows, rows_moments
@@ -58,8 +59,7 @@ cdef int short_row_moments(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssi
     rows_per_block(L) rows (channel_ops.h), in parallel, then the blocks merged in order."""
     cdef Py_ssize_t per = rows_per_block(L)
     cdef Py_ssize_t nblk = (N + per - 1) // per
-    cdef Py_ssize_t t, c, b, n0
-    cdef double na, mu, q
+    cdef Py_ssize_t t, c, n0
     cdef double* parts = <double*>malloc(2 * C * nblk * sizeof(double))
     if parts == NULL:
         with gil:
@@ -69,15 +69,7 @@ cdef int short_row_moments(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssi
         n0 = (t - c * nblk) * per
         channel_block_moments(x, C, L, c, n0, min(N, n0 + per), &parts[2 * t], &parts[2 * t + 1])
     for c in range(C):
-        na = 0.0
-        mu = 0.0
-        q = 0.0
-        for b in range(nblk):
-            n0 = b * per
-            nc_merge_step(&na, &mu, &q, <double>((min(N, n0 + per) - n0) * L), parts[2 * (c * nblk + b)],
-                          parts[2 * (c * nblk + b) + 1])
-        mean[c] = mu
-        m2[c] = q
+        merge_block_moments(&parts[2 * c * nblk], nblk, N * L, per * L, &mean[c], &m2[c])
     free(parts)
     return 0
 
@@ -164,7 +156,7 @@ cdef int channel_grad_sums(const floating* x, const floating* dy, Py_ssize_t N, 
     partial sums are added in a fixed order."""
     cdef Py_ssize_t per, nblk, nb, t, c, b, n0, r, n
     cdef Py_ssize_t n_parts
-    cdef double s, u
+    cdef double s, u, rs, ru
     cdef double* parts
     if blocks:
         per = rows_per_block(L)
@@ -203,21 +195,13 @@ cdef int channel_grad_sums(const floating* x, const floating* dy, Py_ssize_t N, 
             for n in range(N):
                 # a row's blocks in order, then the rows in batch order
                 r = n * C + c
-                s = s + _sum_blocks(&parts[2 * r * nb], nb)
-                u = u + _sum_blocks(&parts[2 * r * nb + 1], nb)
+                sum_parts(&parts[2 * r * nb], nb, &rs, &ru)
+                s = s + rs
+                u = u + ru
             sum_dy[c] = s
             sum_dy_xc[c] = u
     free(parts)
     return 0
-
-
-cdef inline double _sum_blocks(const double* parts, Py_ssize_t nb) noexcept nogil:
-    """parts[0] + parts[2] + ... + parts[2 * (nb - 1)], in order."""
-    cdef double a = parts[0]
-    cdef Py_ssize_t b
-    for b in range(1, nb):
-        a = a + parts[2 * b]
-    return a
 
 
 def channel_backward(const floating[:, ::1] x,    # IN  [R, L], R = N * C: the forward's input

@@ -12,17 +12,7 @@ from cython.parallel import prange
 
 from fused_types cimport floating
 from chunking cimport BLOCK, n_blocks, block_len, use_threads
-from blocks cimport block_grad_sums, block_grad_sums_weighted
-
-
-cdef inline void _sum_parts(const double* parts, Py_ssize_t nb, double* s, double* t) noexcept nogil:
-    cdef Py_ssize_t b
-    cdef double a = parts[0], c = parts[1]
-    for b in range(1, nb):
-        a = a + parts[2 * b]
-        c = c + parts[2 * b + 1]
-    s[0] = a
-    t[0] = c
+from blocks cimport block_grad_sums, block_grad_sums_weighted, sum_parts
 
 
 def _check(Py_ssize_t R, Py_ssize_t L, x, dy, center, Py_ssize_t period, s, t, w=None):
@@ -67,7 +57,7 @@ def row_grad_sums(const floating[:, ::1] x,       # IN  [R, L]
         block_grad_sums(&x[r, b * BLOCK], &dy[r, b * BLOCK], block_len(L, b), center[r % period],
                         &parts[t, 0], &parts[t, 1])
     for r in prange(R, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
-        _sum_parts(&parts[r * nb, 0], nb, &sum_dy[r], &sum_dy_xc[r])
+        sum_parts(&parts[r * nb, 0], nb, &sum_dy[r], &sum_dy_xc[r])
 
 
 def row_grad_sums_weighted(const floating[:, ::1] x,   # IN  [R, L]
@@ -99,4 +89,4 @@ def row_grad_sums_weighted(const floating[:, ::1] x,   # IN  [R, L]
         block_grad_sums_weighted(&x[r, b * BLOCK], &dy[r, b * BLOCK], &w[b * BLOCK],
                                  block_len(L, b), center[r % period], &parts[t, 0], &parts[t, 1])
     for r in prange(R, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
-        _sum_parts(&parts[r * nb, 0], nb, &sum_wdy[r], &sum_wdy_xc[r])
+        sum_parts(&parts[r * nb, 0], nb, &sum_wdy[r], &sum_wdy_xc[r])

@@ -882,6 +882,17 @@ CHANNEL_BACKWARD_CASES = CHANNEL_CASES + [
     (6, SHORT_ROW - 1, 3), (6, SHORT_ROW, 3), (16 * 128, 36, 128)]
 
 
+def _channel_backward_inputs(case, dtype, seed, loc=4.0, spread=2.0):
+    """x, dy [R, L], weight and the forward's batch mean and rstd for a channel_backward test."""
+    R, L, C = case
+    rng = np.random.default_rng(seed)
+    x = make(rng, (R, L), dtype, loc=loc, spread=spread)
+    dy = make(rng, (R, L), dtype)
+    weight, _ = group_params(rng, C)
+    mean, _, rstd = np_channel_forward(x, C, weight, np.zeros(C), EPS)[:3]
+    return x, dy, weight, mean, rstd
+
+
 def _channel_backward_run(x, dy, C, weight, mean, rstd, batch_stats, n_threads, dx=None):
     dx = np.full_like(x, np.nan) if dx is None else dx
     dweight, dbias = np.full(C, np.nan), np.full(C, np.nan)
@@ -894,11 +905,7 @@ def _channel_backward_run(x, dy, C, weight, mean, rstd, batch_stats, n_threads, 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_channel_backward(dtype, case, n_threads):
     R, L, C = case
-    rng = np.random.default_rng(21)
-    x = make(rng, (R, L), dtype, loc=4.0, spread=2.0)
-    dy = make(rng, (R, L), dtype)
-    weight, _ = group_params(rng, C)
-    mean, _, rstd = np_channel_forward(x, C, weight, np.zeros(C), EPS)[:3]
+    x, dy, weight, mean, rstd = _channel_backward_inputs(case, dtype, 21)
     want, mag, want_db, want_dw, db_mag, dw_mag = np_channel_backward(x, dy, C, weight, mean, rstd)
     dx, dweight, dbias = _channel_backward_run(x, dy, C, weight, mean, rstd, True, n_threads)
     assert dx.dtype == dtype
@@ -924,11 +931,7 @@ FUSED_SPLIT_CASES = [(3 * 1500, 49, 3), (6 * 400, 36, 6), (5 * 2000, 16, 5)]
 def test_channel_backward_fused_and_split_same_bits(dtype, case, batch_stats):
     R, L, C = case
     assert R * L >= PARALLEL_MIN and L < SHORT_ROW and C < FUSED_MIN_CHANNELS * 2
-    rng = np.random.default_rng(24)
-    x = make(rng, (R, L), dtype, loc=4.0, spread=2.0)
-    dy = make(rng, (R, L), dtype)
-    weight, _ = group_params(rng, C)
-    mean, _, rstd = np_channel_forward(x, C, weight, np.zeros(C), EPS)[:3]
+    x, dy, weight, mean, rstd = _channel_backward_inputs(case, dtype, 24)
     fused = _channel_backward_run(x, dy, C, weight, mean, rstd, batch_stats, 1)
     for n_threads in (2, 3):
         split = _channel_backward_run(x, dy, C, weight, mean, rstd, batch_stats, n_threads)
@@ -970,11 +973,7 @@ def test_channel_backward_nan_confined(dtype, case, n_threads):
     """A NaN in x of channel 1 (batch statistics): channel 1's dx and dweight are NaN; every
     other output has the bits of the input without it."""
     R, L, C = case
-    rng = np.random.default_rng(23)
-    x = make(rng, (R, L), dtype, loc=2.0, spread=3.0)
-    dy = make(rng, (R, L), dtype)
-    weight, _ = group_params(rng, C)
-    mean, _, rstd = np_channel_forward(x, C, weight, np.zeros(C), EPS)[:3]
+    x, dy, weight, mean, rstd = _channel_backward_inputs(case, dtype, 23, loc=2.0, spread=3.0)
     clean = _channel_backward_run(x, dy, C, weight, mean, rstd, True, n_threads)
     xn = x.copy()
     xn[R - C + 1, L // 2] = np.nan
