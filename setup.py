@@ -133,6 +133,7 @@ class BuildExt(build_ext):
 
 
 def _extensions():
+    import numpy
     from Cython.Build import cythonize
 
     sources = sorted(PYX.glob("*.pyx"))
@@ -140,8 +141,9 @@ def _extensions():
         Extension(
             f"normcore._kernels.{src.stem}",
             [os.path.relpath(src, HERE)],
-            include_dirs=[os.path.relpath(PYX, HERE)],
-            depends=[os.path.relpath(p, HERE) for p in sorted(PYX.glob("*.h")) + sorted(PYX.glob("*.pxd"))],
+            # numpy's headers: the engine reads arrays through the NumPy C API (cimport numpy)
+            include_dirs=[os.path.relpath(PYX, HERE), numpy.get_include()],
+            depends=[os.path.relpath(p, HERE) for pattern in ("*.h", "*.pxd", "*.pxi") for p in sorted(PYX.glob(pattern))],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         )
         for src in sources

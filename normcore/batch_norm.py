@@ -4,7 +4,8 @@ import math
 import numpy as np
 
 from normcore import docstrings, grouped
-from normcore.channel_norm import ChannelNorm, ForwardRecord, updated_running
+from normcore._kernels.engine import running_values
+from normcore.channel_norm import ChannelNorm, ForwardRecord
 from normcore.module import write_arrays
 from normcore.registry import register_norm
 from normcore.threads import get_num_threads
@@ -45,8 +46,7 @@ def batch_norm_forward(x, running_mean, running_var, weight, bias, batch_stats, 
     y, saved, stats = grouped.forward(x, g, weight, bias, eps, n_threads)
     new = None
     if running_mean is not None:
-        unbiased = stats.m2 / (N * L - 1)
-        new = (updated_running(running_mean, stats.mean, factor), updated_running(running_var, unbiased, factor))
+        new = running_values(running_mean, running_var, stats.mean, stats.m2, factor, N * L)
     return y, ForwardRecord(saved, x.shape, x.dtype, C), new
 
 

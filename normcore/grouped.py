@@ -18,11 +18,10 @@ from typing import NamedTuple
 import numpy as np
 
 from normcore._kernels.apply_rows import apply_rows_backward
-from normcore._kernels.channels import channel_backward, channel_forward
 from normcore._kernels.channels_last import cl_apply, cl_apply_backward, cl_grad_sums, cl_group_forward, cl_moments
 from normcore._kernels.combine import merge_moments, sum_groups
+from normcore._kernels.engine import Plan
 from normcore._kernels.grad_sums import row_grad_sums
-from normcore._kernels.groups import group_backward, group_forward
 
 
 class Grouping(NamedTuple):
@@ -126,7 +125,8 @@ def resume(x, grouping, mean, rstd, weight, batch_stats):
 
     For callers that keep statistics rather than a Saved (normcore.torch saves tensors for
     autograd): backward(dy, resume(...)) is the backward of that forward, bit for bit."""
-    return Saved(rows_of(x, grouping), x.shape, grouping, mean, rstd, _f64(weight, grouping.C, 1.0), batch_stats)
+    return Saved(rows_of(x, grouping), x.shape, grouping, np.ascontiguousarray(mean, dtype=np.float64),
+                 np.ascontiguousarray(rstd, dtype=np.float64), _f64(weight, grouping.C, 1.0), batch_stats)
 
 
 def channels_last_like(a3, shape):
@@ -163,29 +163,36 @@ def forward(x, grouping, weight, bias, eps, n_threads, stats=None):
     """
     g = grouping
     w = _f64(weight, g.C, 1.0)
-    if stats is not None:
-        stats, eps = _given_stats(*stats, eps), 0.0
     x2 = rows_of(x, g)
     if x2.ndim == 3:
+        if stats is not None:
+            stats, eps = _given_stats(*stats, eps), 0.0
         return _forward_channels_last(x, x2, g, w, _f64(bias, g.C, 0.0), eps, n_threads, stats)
-    y2 = np.empty_like(x2)
-    if stats is None and g.inner == 1:
-        # Groups of consecutive rows (InstanceNorm, GroupNorm): fused, one read of x.
-        mean, m2, rstd = np.empty(g.outer), np.empty(g.outer), np.empty(g.outer)
-        group_forward(x2, y2, g.k, g.C, w, _f64(bias, g.C, 0.0), eps, mean, m2, rstd, n_threads)
-        rows = (mean, m2) if g.k == 1 else (None, None)
-        saved = Saved(x2, x.shape, g, mean, rstd, w, True)
-        return y2.reshape(x.shape), saved, BatchStats(*rows, mean, m2)
-    # Per channel (BatchNorm; InstanceNorm with running statistics in eval): one kernel call.
+    plan = plan_of(g, n_threads)
     if stats is None:
-        mean, m2 = np.empty(g.C), np.empty(g.C)
+        y2, st = plan.forward(x2, w, _f64(bias, g.C, 0.0), eps)
+        rows = (st[0], st[1]) if g.k == 1 else (None, None)
+        batch = BatchStats(*rows, st[0], st[1])
     else:
-        mean, m2 = stats  # given mean and variance
-    rstd = np.empty(g.C)
-    channel_forward(x2, y2, g.C, w, _f64(bias, g.C, 0.0), eps, mean, m2, rstd, stats is None, n_threads)
-    batch = BatchStats(None, None, mean, m2) if stats is None else None
-    saved = Saved(x2, x.shape, g, mean, rstd, w, stats is None)
+        y2, st = plan.forward(x2, w, _f64(bias, g.C, 0.0), eps, *stats)
+        batch = None
+    saved = Saved(x2, x.shape, g, st[0], st[2], w, stats is None)
     return y2.reshape(x.shape), saved, batch
+
+
+_plans = {}
+
+
+def plan_of(grouping, n_threads):
+    """The engine's Plan for an NCHW grouping at n_threads (kept: one per grouping and count)."""
+    key = (grouping, n_threads)
+    plan = _plans.get(key)
+    if plan is None:
+        g = grouping
+        if len(_plans) >= 256:  # many shapes in one process: start again rather than grow
+            _plans.clear()
+        plan = _plans[key] = Plan(g.N, g.C, g.L, g.outer, g.k, g.inner, n_threads)
+    return plan
 
 
 def _forward_channels_last(x, x3, g, w, bias, eps, n_threads, stats):
@@ -235,20 +242,11 @@ def backward(dy, saved, n_threads):
     else:
         dy2 = as_rows(dy, g.N, g.C)
         grad_sums, apply_backward = row_grad_sums, apply_rows_backward
+    if not layout_cl and (g.per_channel or saved.batch_stats and g.inner == 1):
+        # NCHW: sums, combine and apply in one call of the engine
+        dx2, grads = plan_of(g, n_threads).backward(x2, dy2, saved.mean, saved.rstd, saved.weight, saved.batch_stats)
+        return dx2.reshape(saved.shape), grads[0], grads[1]
     dx2 = np.empty_like(x2)
-    if g.per_channel and not layout_cl:
-        # Statistics per channel (BatchNorm; running statistics): sums, combine, apply, one call.
-        dweight, dbias = np.empty(g.C), np.empty(g.C)
-        channel_backward(x2, dy2, dx2, g.C, saved.weight, saved.mean, saved.rstd, saved.batch_stats, dweight, dbias,
-                         n_threads)
-        return dx2.reshape(saved.shape), dweight, dbias
-    if saved.batch_stats and g.inner == 1 and not layout_cl:
-        # Groups of consecutive rows with their own statistics: fused, one read of x and dy.
-        sdy = np.empty(R)
-        sdyxc = np.empty(R)
-        group_backward(x2, dy2, dx2, g.k, g.C, saved.weight, saved.mean, saved.rstd, sdy, sdyxc, n_threads)
-        dweight = _channel_sums(sdyxc * g.group_to_rows(saved.rstd), g)
-        return dx2.reshape(saved.shape), dweight, _channel_sums(sdy, g)
     center = g.group_to_rows(saved.mean)
     rstd_rows = g.group_to_rows(saved.rstd)
     w_rows = g.channel_to_rows(saved.weight)

@@ -99,11 +99,12 @@ def write_arrays(updates):
     for name, destination, value in updates:
         check_writeable(name, destination)
         value = np.asarray(value)
-        try:
-            value = np.broadcast_to(value, destination.shape)
-        except ValueError:
-            raise ValueError(f"{name} has shape {destination.shape}, which a value of shape "
-                             f"{value.shape} cannot be written into") from None
+        if value.shape != destination.shape:  # (broadcast_to costs more than the rest together)
+            try:
+                value = np.broadcast_to(value, destination.shape)
+            except ValueError:
+                raise ValueError(f"{name} has shape {destination.shape}, which a value of shape "
+                                 f"{value.shape} cannot be written into") from None
         staged.append((destination, value.astype(destination.dtype)))
     for destination, value in staged:
         destination[...] = value

@@ -1,5 +1,5 @@
 /* BatchNorm on NCHW rows shorter than NC_SHORT_ROW: the reduce and apply steps of one channel
- * over several rows at a time (included by pyx/channel_ops.pxd; pyx/channels.pyx cuts the work
+ * over several rows at a time (included by pyx/channel_ops.pxd; pyx/channels.pxi cuts the work
  * into tasks and merges their results in order).
  *
  * Per-row kernels pay a fixed cost for every row (a call, the fold of 16 lanes, a Chan merge

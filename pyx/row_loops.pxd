@@ -20,7 +20,11 @@ cdef inline int rows_moments(const floating* x, Py_ssize_t R, Py_ssize_t L, doub
     cdef Py_ssize_t nb = n_blocks(L), t, r, b
     cdef double* parts
     if nb == 1:
-        for r in prange(R, num_threads=n_threads, use_threads_if=par, schedule="static"):
+        if not par:
+            for r in range(R):
+                block_moments(x + r * L, L, &mean[r * stride], &m2[r * stride])
+            return 0
+        for r in prange(R, num_threads=n_threads, schedule="static"):
             block_moments(x + r * L, L, &mean[r * stride], &m2[r * stride])
         return 0
     parts = <double*>malloc(2 * R * nb * sizeof(double))
@@ -45,5 +49,8 @@ cdef inline void apply_short_rows(const floating* x, floating* y, Py_ssize_t R, 
     element-wise: how rows are grouped into tasks changes no bit."""
     cdef Py_ssize_t per = TASK_VALUES // L if L < TASK_VALUES else 1
     cdef Py_ssize_t t
-    for t in prange((R + per - 1) // per, num_threads=n_threads, use_threads_if=par, schedule="static"):
+    if not par:  # one call, no OpenMP region (that costs about a microsecond even serially)
+        apply_row_range(x, y, 0, R, L, period, center, scale, shift)
+        return
+    for t in prange((R + per - 1) // per, num_threads=n_threads, schedule="static"):
         apply_row_range(x, y, t * per, min(R, t * per + per), L, period, center, scale, shift)

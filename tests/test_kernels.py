@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 
 from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
-from normcore._kernels.channels import FUSED_MIN_CHANNELS, SHORT_ROW, channel_backward, channel_forward
 from normcore._kernels.combine import merge_moments, sum_groups
+from normcore._kernels.engine import (FUSED_MIN_CHANNELS, SHORT_ROW, Plan, channel_backward, channel_forward,
+                                      group_backward, group_forward, running_values)
 from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
-from normcore._kernels.groups import group_backward, group_forward
 from normcore._kernels.layer_rows import layer_backward, layer_forward
 from normcore._kernels.moments import row_moments
 
@@ -541,7 +541,7 @@ GROUP_THREADS = [1, 2, 3]
 
 
 def is_split(R, L, k, n_threads):
-    """Whether group_forward / group_backward take the split path (groups.pyx _fused)."""
+    """Whether group_forward / group_backward take the split path (groups.pxi _fused)."""
     return n_threads > 1 and R * L >= PARALLEL_MIN and R // k < FUSED_MIN_GROUPS * n_threads
 
 
@@ -1208,3 +1208,95 @@ def test_shapes_cover_what_they_claim():
         assert any(R * L >= PARALLEL_MIN and R > STACK_ROWS for R, L, C in cases)
         assert any(R * L >= PARALLEL_MIN and L > BLOCK for R, L, C in cases)
     assert any(R > STACK_ROWS and L > BLOCK and R * L >= PARALLEL_MIN for R, L, C in CHANNEL_CASES)
+
+
+# -- the engine's Plan: one call per forward and backward, the bits of the kernels it runs ----------
+PLAN_CASES = [  # (N, C, L, k): k = 0 per channel (BatchNorm), else groups of k consecutive rows
+    (2, 3, 16, 0), (4, 8, 49, 0), (3, 5, 1500, 0), (2, 3, 16, 1), (4, 6, 49, 2), (2, 4, 5000, 4), (1, 3, 7, 3),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N, C, L, k", PLAN_CASES)
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_plan_gives_the_bits_of_its_kernels(N, C, L, k, dtype, n_threads):
+    rng = np.random.default_rng(N * 1000 + C * 10 + L + k)
+    x = (rng.standard_normal((N * C, L)) * 3 + 2).astype(dtype)
+    dy = rng.standard_normal((N * C, L)).astype(dtype)
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    G = C if k == 0 else N * C // k
+    plan = Plan(N, C, L, 1, N, C, n_threads) if k == 0 else Plan(N, C, L, N * C // k, k, 1, n_threads)
+    y, stats = plan.forward(x, w, b, 1e-5)
+    assert stats.shape == (3, G) and y.dtype == x.dtype and y.shape == x.shape
+    y_k, mean, m2, rstd = np.empty_like(x), np.empty(G), np.empty(G), np.empty(G)
+    if k == 0:
+        channel_forward(x, y_k, C, w, b, 1e-5, mean, m2, rstd, True, n_threads)
+    else:
+        group_forward(x, y_k, k, C, w, b, 1e-5, mean, m2, rstd, n_threads)
+    np.testing.assert_array_equal(y, y_k)
+    np.testing.assert_array_equal(stats, np.stack([mean, m2, rstd]))
+    dx, grads = plan.backward(x, dy, stats[0], stats[2], w, True)
+    dx_k = np.empty_like(x)
+    if k == 0:
+        dw_k, db_k = np.empty(C), np.empty(C)
+        channel_backward(x, dy, dx_k, C, w, mean, rstd, True, dw_k, db_k, n_threads)
+    else:
+        sdy, sdyxc = np.empty(N * C), np.empty(N * C)
+        group_backward(x, dy, dx_k, k, C, w, mean, rstd, sdy, sdyxc, n_threads)
+        rows_rstd = np.repeat(rstd, k)
+        db_k = sdy.reshape(N, C).sum(axis=0)
+        dw_k = (sdyxc * rows_rstd).reshape(N, C).sum(axis=0)
+    np.testing.assert_array_equal(dx, dx_k)
+    np.testing.assert_allclose(grads, np.stack([dw_k, db_k]), rtol=1e-12, atol=1e-12)
+    x64 = x.astype(np.float64).reshape(N, C, L)
+    if k == 0:
+        np.testing.assert_allclose(stats[0], x64.mean(axis=(0, 2)), rtol=1e-12, atol=1e-12)
+    else:
+        np.testing.assert_allclose(stats[0], x64.reshape(G, -1).mean(axis=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("running_dtype", [np.float32, np.float64])
+def test_plan_with_given_statistics_is_torch_s_rule(running_dtype):
+    """rstd = 1 / sqrt(var + eps) from the given statistics (any float dtype, any stride); NaN
+    where var + eps < 0 (never a finite scale); dx = weight * rstd * dy alone."""
+    N, C, L = 2, 4, 10
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((N * C, L)).astype(np.float32)
+    dy = rng.standard_normal((N * C, L)).astype(np.float32)
+    mean = np.array([0.5, -1.0, 2.0, 0.0, 9, 9, 9, 9], running_dtype)[::2]  # strided
+    var = np.array([1.0, 0.25, -1.0, 0.0], running_dtype)
+    w, b = np.array([1.0, 2.0, 3.0, 4.0]), np.zeros(C)
+    plan = Plan(N, C, L, 1, N, C, 1)
+    eps = 1e-3
+    y, stats = plan.forward(x, w, b, eps, mean, var)
+    var_eps = var.astype(np.float64) + eps
+    with np.errstate(divide="ignore"):
+        expected_rstd = np.where(var_eps >= 0, 1 / np.sqrt(np.maximum(var_eps, 0)), np.nan)
+    np.testing.assert_array_equal(stats[2], expected_rstd)
+    xs = x.reshape(N, C, L).astype(np.float64)
+    ref = (xs - mean.astype(np.float64)[:, None]) * (expected_rstd * w)[:, None]
+    np.testing.assert_allclose(y.reshape(N, C, L)[:, [0, 1, 3]], ref[:, [0, 1, 3]], rtol=1e-6, atol=1e-6)
+    assert np.isnan(y.reshape(N, C, L)[:, 2]).all()
+    dx, grads = plan.backward(x, dy, stats[0], stats[2], w, False)
+    np.testing.assert_allclose(dx.reshape(N, C, L)[:, [0, 1, 3]],
+                               (dy.reshape(N, C, L) * (w * expected_rstd)[:, None])[:, [0, 1, 3]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [(0, 3, 4, 1, 0, 3, 1), (2, 3, 0, 1, 2, 3, 1), (2, 3, 4, 1, 3, 3, 1),
+                                 (2, 4, 4, 2, 1, 4, 1), (2, 4, 4, 1, 8, 1, 1), (2, 3, 4, 1, 2, 3, 0)])
+def test_plan_refuses_a_grouping_it_cannot_run(bad):
+    with pytest.raises(ValueError, match="Plan"):
+        Plan(*bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_running_values_are_numpy_s_update_bit_for_bit(dtype):
+    rng = np.random.default_rng(3)
+    C, count, factor = 5, 37, 0.3
+    rm = rng.standard_normal(2 * C).astype(dtype)[::2]
+    rv = rng.random(C).astype(dtype) + 0.5
+    mean, m2 = rng.standard_normal(C), rng.random(C) * 40
+    new = running_values(rm, rv, mean, m2, factor, count)
+    expected_mean = (1.0 - factor) * rm.astype(np.float64) + factor * mean
+    expected_var = (1.0 - factor) * rv.astype(np.float64) + factor * (m2 / (count - 1))
+    np.testing.assert_array_equal(new, np.stack([expected_mean, expected_var]))

@@ -1,18 +1,19 @@
-"""BatchNorm's forward and backward, each in one call: statistics per channel over
-(N, *spatial), then the apply; the gradient sums per channel, the combine, then the apply.
+# BatchNorm's forward and backward, each in one call: statistics per channel over
+# (N, *spatial), then the apply; the gradient sums per channel, the combine, then the apply.
+#
+# x is viewed as rows [R, L], R = N*C, row r = (n, c) with c = r % C. With batch statistics:
+# rows shorter than SHORT_ROW are summed in blocks of whole rows of one channel (channel_ops.h:
+# one fold per block instead of one per row), longer rows per row (blocks merged in order,
+# parallel over rows and blocks); either way the parts are merged per channel in order with
+# Chan's formula (row_ops.h nc_merge_step), which keeps a constant channel exact: equal means
+# merge with delta = 0.
+# With given statistics (running mean and var), those. Then rstd = 1/sqrt(max(var, 0) + eps) and
+# y = (x - mean_c) * (rstd_c * weight_c) + bias_c. Everything between the two passes over x is
+# done here, in C, so that a tiny input costs one Python call (no NumPy temporaries), and the
+# row buffers of an input with few rows live on the stack.
+#
+# Included by engine.pyx (one compiled module, so the Plan calls these cdef functions directly).
 
-x is viewed as rows [R, L], R = N*C, row r = (n, c) with c = r % C. With batch statistics:
-rows shorter than SHORT_ROW are summed in blocks of whole rows of one channel (channel_ops.h:
-one fold per block instead of one per row), longer rows per row (blocks merged in order,
-parallel over rows and blocks); either way the parts are merged per channel in order with
-Chan's formula (row_ops.h nc_merge_step), which keeps a constant channel exact: equal means
-merge with delta = 0.
-With given statistics (running mean and var), those. Then rstd = 1/sqrt(max(var, 0) + eps) and
-y = (x - mean_c) * (rstd_c * weight_c) + bias_c. Everything between the two passes over x is
-done here, in C, so that a tiny input costs one Python call (no NumPy temporaries), and the
-row buffers of an input with few rows live on the stack.
-"""
-import numpy as np
 from cython.parallel import prange
 from libc.stdlib cimport free, malloc
 
@@ -64,15 +65,78 @@ cdef int short_row_moments(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssi
     if parts == NULL:
         with gil:
             raise MemoryError("channel moments: no memory for the moments of the blocks")
-    for t in prange(C * nblk, num_threads=n_threads, use_threads_if=par, schedule="static"):
-        c = t // nblk
-        n0 = (t - c * nblk) * per
-        channel_block_moments(x, C, L, c, n0, min(N, n0 + per), &parts[2 * t], &parts[2 * t + 1])
+    if par:
+        for t in prange(C * nblk, num_threads=n_threads, schedule="static"):
+            c = t // nblk
+            n0 = (t - c * nblk) * per
+            channel_block_moments(x, C, L, c, n0, min(N, n0 + per), &parts[2 * t], &parts[2 * t + 1])
+    else:  # no OpenMP region at all (one costs about a microsecond even when it runs serially)
+        for t in range(C * nblk):
+            c = t // nblk
+            n0 = (t - c * nblk) * per
+            channel_block_moments(x, C, L, c, n0, min(N, n0 + per), &parts[2 * t], &parts[2 * t + 1])
     for c in range(C):
         merge_block_moments(&parts[2 * c * nblk], nblk, N * L, per * L, &mean[c], &m2[c])
     free(parts)
     return 0
 
+
+
+cdef int channel_forward_run(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
+                             const double* weight, const double* bias, double eps, double* mean, double* m2,
+                             double* rstd, bint batch_stats, int n_threads) except -1 nogil:
+    """channel_forward on pointers (the engine's entry): x, y [N*C, L] C-contiguous, N*C*L > 0;
+    per-channel arrays of C doubles. The caller has checked every shape."""
+    cdef Py_ssize_t R = N * C
+    cdef Py_ssize_t nb = n_blocks(L), t, r, b, c, n
+    cdef double s, q, d
+    cdef double stack_buf[2 * STACK_ROWS]
+    cdef double* rows = stack_buf
+    cdef double* scale
+    cdef bint par = use_threads(n_threads, R * L)
+    if batch_stats and L < NC_SHORT_ROW:
+        short_row_moments(x, N, C, L, mean, m2, n_threads, par)
+        for c in range(C):
+            rstd[c] = nc_rstd(m2[c], <double>(N * L), eps)
+    elif batch_stats:
+        if R > STACK_ROWS:
+            rows = <double*>malloc(2 * R * sizeof(double))
+            if rows == NULL:
+                with gil:
+                    raise MemoryError("channel moments: no memory for the row moments")
+        rows_moments(x, R, L, rows, rows + 1, 2, n_threads, par)
+        for c in range(C):
+            d = 0.0
+            s = 0.0
+            q = 0.0
+            for n in range(N):
+                nc_merge_step(&d, &s, &q, <double>L, rows[2 * (n * C + c)], rows[2 * (n * C + c) + 1])
+            mean[c] = s
+            m2[c] = q
+            rstd[c] = nc_rstd(q, <double>(N * L), eps)
+        if rows != stack_buf:
+            free(rows)
+    else:
+        for c in range(C):
+            rstd[c] = nc_rstd(m2[c], 1.0, eps)
+    # the scale per channel: the first C doubles of the row buffer, no longer needed
+    scale = <double*>malloc(C * sizeof(double)) if C > 2 * STACK_ROWS else stack_buf
+    if scale == NULL:
+        with gil:
+            raise MemoryError("channel forward: no memory for the scales")
+    for c in range(C):
+        scale[c] = rstd[c] * weight[c]
+    if nb == 1:
+        apply_short_rows(x, y, R, L, C, mean, scale, bias, n_threads, par)
+    else:
+        for t in prange(R * nb, num_threads=n_threads, use_threads_if=par, schedule="static"):
+            r = t // nb
+            b = t - r * nb
+            c = r % C
+            apply_forward(x + r * L + b * BLOCK, y + r * L + b * BLOCK, block_len(L, b), mean[c], scale[c], bias[c])
+    if scale != stack_buf:
+        free(scale)
+    return 0
 
 
 def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
@@ -86,14 +150,9 @@ def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
                     double[::1] rstd,           # OUT [C]
                     bint batch_stats,
                     int n_threads=1):
-    """Normalise per channel; batch_stats False: mean and m2 hold the given mean and variance."""
+    """Normalise per channel; batch_stats False: mean and m2 hold the given mean and variance.
+    The checked entry point of channel_forward_run (tests, tools); the engine calls that."""
     cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
-    cdef Py_ssize_t N, nb, t, r, b, c, n
-    cdef double[::1] scale
-    cdef double s, q, d
-    cdef double stack_buf[2 * STACK_ROWS]
-    cdef double* rows = stack_buf
-    cdef bint par = use_threads(n_threads, R * L)
     if C < 1 or R % C != 0:
         raise ValueError(f"C={C} must divide the number of rows {R}")
     if y.shape[0] != R or y.shape[1] != L:
@@ -103,48 +162,9 @@ def channel_forward(const floating[:, ::1] x,   # IN  [R, L], R = N * C
         raise ValueError(f"per-channel arrays must have {C} elements")
     if R == 0 or L == 0:
         return
-    N = R // C
-    nb = n_blocks(L)
-    if batch_stats and L < NC_SHORT_ROW:
-        with nogil:
-            short_row_moments(&x[0, 0], N, C, L, &mean[0], &m2[0], n_threads, par)
-        for c in range(C):
-            rstd[c] = nc_rstd(m2[c], <double>(N * L), eps)
-    elif batch_stats:
-        if R > STACK_ROWS:
-            rows = <double*>malloc(2 * R * sizeof(double))
-            if rows == NULL:
-                raise MemoryError()
-        try:
-            with nogil:
-                rows_moments(&x[0, 0], R, L, rows, rows + 1, 2, n_threads, par)
-                for c in range(C):
-                    d = 0.0
-                    s = 0.0
-                    q = 0.0
-                    for n in range(N):
-                        nc_merge_step(&d, &s, &q, <double>L, rows[2 * (n * C + c)], rows[2 * (n * C + c) + 1])
-                    mean[c] = s
-                    m2[c] = q
-                    rstd[c] = nc_rstd(q, <double>(N * L), eps)
-        finally:
-            if rows != stack_buf:
-                free(rows)
-    else:
-        for c in range(C):
-            rstd[c] = nc_rstd(m2[c], 1.0, eps)
-    scale = np.empty(C)
-    for c in range(C):
-        scale[c] = rstd[c] * weight[c]
-    if nb == 1:
-        with nogil:
-            apply_short_rows(&x[0, 0], &y[0, 0], R, L, C, &mean[0], &scale[0], &bias[0], n_threads, par)
-        return
-    for t in prange(R * nb, nogil=True, num_threads=n_threads, use_threads_if=par, schedule="static"):
-        r = t // nb
-        b = t - r * nb
-        c = r % C
-        apply_forward(&x[r, b * BLOCK], &y[r, b * BLOCK], block_len(L, b), mean[c], scale[c], bias[c])
+    with nogil:
+        channel_forward_run(&x[0, 0], &y[0, 0], R // C, C, L, &weight[0], &bias[0], eps, &mean[0], &m2[0],
+                            &rstd[0], batch_stats, n_threads)
 
 
 cdef int channel_grad_sums(const floating* x, const floating* dy, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
@@ -204,6 +224,63 @@ cdef int channel_grad_sums(const floating* x, const floating* dy, Py_ssize_t N, 
     return 0
 
 
+cdef int channel_backward_run(const floating* x, const floating* dy, floating* dx, Py_ssize_t N, Py_ssize_t C,
+                              Py_ssize_t L, const double* weight, const double* mean, const double* rstd,
+                              bint batch_stats, double* dweight, double* dbias, int n_threads) except -1 nogil:
+    """channel_backward on pointers (the engine's entry): x, dy, dx [N*C, L] C-contiguous,
+    N*C*L > 0; per-channel arrays of C doubles. The caller has checked every shape."""
+    cdef Py_ssize_t R = N * C
+    cdef Py_ssize_t nb, t, r, k, p, c, per
+    cdef bint blocks
+    cdef double* coef
+    cdef double *a
+    cdef double *b
+    cdef double *cc
+    cdef double *center
+    cdef double *sxc
+    cdef const floating* xa
+    cdef bint par = use_threads(n_threads, R * L)
+    if channel_in_cache(N, L, sizeof(floating)) and (not par or C >= FUSED_MIN_CHANNELS_ * n_threads):
+        # one channel per task, read from memory once: the bits of the passes below
+        if par:
+            for c in prange(C, num_threads=n_threads, schedule="static"):
+                channel_backward_fused(x, dy, dx, N, C, L, c, weight[c], mean[c], rstd[c], batch_stats,
+                                       &dweight[c], &dbias[c])
+        else:
+            for c in range(C):
+                channel_backward_fused(x, dy, dx, N, C, L, c, weight[c], mean[c], rstd[c], batch_stats,
+                                       &dweight[c], &dbias[c])
+        return 0
+    coef = <double*>malloc(5 * C * sizeof(double))
+    if coef == NULL:
+        with gil:
+            raise MemoryError("channel backward: no memory for the coefficients")
+    a, b, cc, center, sxc = coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C
+    blocks = backward_blocks(N, L, sizeof(floating))
+    try:
+        channel_grad_sums(x, dy, N, C, L, mean, dbias, sxc, blocks, n_threads, par)
+        for c in range(C):
+            nc_channel_bwd_combine(rstd[c], weight[c], mean[c], dbias[c], sxc[c], <double>(N * L), batch_stats,
+                                   &dweight[c], &a[c], &b[c], &cc[c], &center[c])
+        # given statistics: the apply reads dy in place of x (b = c = 0: dx = a * dy)
+        xa = x if batch_stats else dy
+        if blocks:
+            per = TASK_VALUES // L
+            for t in prange((R + per - 1) // per, num_threads=n_threads, use_threads_if=par, schedule="static"):
+                apply_backward_row_range(dy, xa, dx, t * per, min(R, t * per + per), L, C, center, a, b, cc)
+        else:
+            nb = n_blocks(L)
+            for t in prange(R * nb, num_threads=n_threads, use_threads_if=par, schedule="static"):
+                r = t // nb
+                k = t - r * nb
+                p = r % C
+                apply_backward(dy + r * L + k * BLOCK, xa + r * L + k * BLOCK, dx + r * L + k * BLOCK,
+                               block_len(L, k), center[p], a[p], b[p], cc[p])
+    finally:
+        free(coef)
+    return 0
+
+
 def channel_backward(const floating[:, ::1] x,    # IN  [R, L], R = N * C: the forward's input
                      const floating[:, ::1] dy,   # IN  [R, L]
                      floating[:, ::1] dx,         # OUT [R, L] (may be dy itself)
@@ -224,53 +301,10 @@ def channel_backward(const floating[:, ::1] x,    # IN  [R, L], R = N * C: the f
     dx = rstd * w * dy exactly, reading neither x nor the mean.
     """
     cdef Py_ssize_t R = x.shape[0], L = x.shape[1]
-    cdef Py_ssize_t N, nb, t, r, k, p, c, per
-    cdef bint blocks
-    cdef double* coef
-    cdef double *a
-    cdef double *b
-    cdef double *cc
-    cdef double *center
-    cdef double *sxc
-    cdef const floating* xa
-    cdef bint par = use_threads(n_threads, R * L)
     if R == 0 or L == 0:
         dweight[:] = 0.0
         dbias[:] = 0.0
         return
-    N = R // C
-    coef = <double*>malloc(5 * C * sizeof(double))
-    if coef == NULL:
-        raise MemoryError()
-    a, b, cc, center, sxc = coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C
-    try:
-        with nogil:
-            if channel_in_cache(N, L, sizeof(floating)) and (not par or C >= FUSED_MIN_CHANNELS_ * n_threads):
-                # one channel per task, read from memory once: the bits of the passes below
-                for c in prange(C, num_threads=n_threads, use_threads_if=par, schedule="static"):
-                    channel_backward_fused(&x[0, 0], &dy[0, 0], &dx[0, 0], N, C, L, c, weight[c], mean[c],
-                                           rstd[c], batch_stats, &dweight[c], &dbias[c])
-            else:
-                blocks = backward_blocks(N, L, sizeof(floating))
-                channel_grad_sums(&x[0, 0], &dy[0, 0], N, C, L, &mean[0], &dbias[0], sxc, blocks, n_threads, par)
-                for c in range(C):
-                    nc_channel_bwd_combine(rstd[c], weight[c], mean[c], dbias[c], sxc[c], <double>(N * L), batch_stats,
-                                           &dweight[c], &a[c], &b[c], &cc[c], &center[c])
-                # given statistics: the apply reads dy in place of x (b = c = 0: dx = a * dy)
-                xa = &x[0, 0] if batch_stats else &dy[0, 0]
-                if blocks:
-                    per = TASK_VALUES // L
-                    for t in prange((R + per - 1) // per, num_threads=n_threads, use_threads_if=par,
-                                    schedule="static"):
-                        apply_backward_row_range(&dy[0, 0], xa, &dx[0, 0], t * per, min(R, t * per + per), L, C,
-                                                 center, a, b, cc)
-                else:
-                    nb = n_blocks(L)
-                    for t in prange(R * nb, num_threads=n_threads, use_threads_if=par, schedule="static"):
-                        r = t // nb
-                        k = t - r * nb
-                        p = r % C
-                        apply_backward(&dy[r, k * BLOCK], xa + r * L + k * BLOCK, &dx[r, k * BLOCK],
-                                       block_len(L, k), center[p], a[p], b[p], cc[p])
-    finally:
-        free(coef)
+    with nogil:
+        channel_backward_run(&x[0, 0], &dy[0, 0], &dx[0, 0], R // C, C, L, &weight[0], &mean[0], &rstd[0],
+                             batch_stats, &dweight[0], &dbias[0], n_threads)

@@ -1,0 +1,210 @@
+"""The engine: one compiled call per forward and per backward of BatchNorm, InstanceNorm and
+GroupNorm on NCHW rows.
+
+A Plan describes a grouping once: x of shape (N, C, *) as rows [N*C, L] (row r = (n, c), L
+contiguous values), grouped as [outer, k, inner] and merged over k (normcore.grouped.Grouping):
+
+    per channel       outer=1,   k=N,   inner=C   BatchNorm; any layer with given statistics
+    consecutive rows  outer=R/k, k,     inner=1   InstanceNorm (k=1), GroupNorm (k=C/G)
+
+Plan.forward runs reduce -> combine -> apply, Plan.backward the gradient sums -> combine ->
+apply, each in compiled code from the Python call to the result: the arrays are read through
+their data pointers (the caller has checked dtype, layout and shapes: this is the kernels'
+contract, and normcore's public functions are where it is enforced), the per-group statistics
+come back in one float64 array, and no thread team starts below the kernels' size threshold.
+The loops themselves are in channels.pxi and groups.pxi, included here (their cdef *_run
+functions; their def functions are the same kernels with checked arguments, for the tests).
+
+Channels-last memory is not a Plan's yet: normcore.grouped runs it with the channels_last
+kernels and a NumPy combine.
+"""
+cimport numpy as cnp
+import numpy as np
+from libc.math cimport NAN, sqrt
+
+cnp.import_array()
+
+# The per-channel kernels (BatchNorm) and the consecutive-row group kernels (InstanceNorm,
+# GroupNorm): their cdef *_run functions, and the checked def entry points the tests call.
+include "channels.pxi"
+include "groups.pxi"
+
+cdef inline bint is_float32(cnp.ndarray a) noexcept:
+    return cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
+
+
+cdef inline double* f64(cnp.ndarray a) noexcept:
+    return <double*>cnp.PyArray_DATA(a)
+
+
+cdef class Plan:
+    """How one input shape is normalised: the grouping (N, C, L, outer, k, inner) and the thread
+    count. Built once per layer and shape; forward and backward are one call each.
+
+    The statistics array a forward returns, float64 of shape (3, G) with G = outer * inner:
+    row 0 the group means, row 1 the group M2 (sum of squared deviations; with given statistics
+    var + eps), row 2 rstd = 1 / sqrt(var + eps).
+    """
+
+    cdef readonly Py_ssize_t N, C, L, outer, k, inner, G
+    cdef readonly int n_threads
+    cdef readonly bint per_channel
+
+    def __cinit__(self, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t outer, Py_ssize_t k,
+                  Py_ssize_t inner, int n_threads):
+        if N < 1 or C < 1 or L < 1 or outer * k * inner != N * C or n_threads < 1:
+            raise ValueError(f"a Plan needs a non-empty grouping, got N={N}, C={C}, L={L}, "
+                             f"(outer, k, inner)=({outer}, {k}, {inner}), n_threads={n_threads}")
+        self.per_channel = outer == 1 and inner == C
+        if not self.per_channel and (inner != 1 or C % k != 0):
+            raise ValueError(f"a Plan groups rows per channel or in runs of consecutive rows, got "
+                             f"(outer, k, inner)=({outer}, {k}, {inner}) for C={C}")
+        self.N, self.C, self.L = N, C, L
+        self.outer, self.k, self.inner = outer, k, inner
+        self.G = outer * inner
+        self.n_threads = n_threads
+
+    def forward(self, cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, double eps, object given_mean=None,
+                object given_var=None):
+        """(y, stats) for x: rows [N*C, L], C-contiguous float32 or float64; weight and bias
+        float64 [C] C-contiguous. With given_mean and given_var (per channel, any float dtype;
+        a per-channel plan), those statistics: rstd = 1 / sqrt(var + eps), NaN where var + eps
+        is negative, as PyTorch; else the statistics of x."""
+        cdef cnp.ndarray y = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+        cdef cnp.npy_intp dims[2]
+        dims[0] = 3
+        dims[1] = self.G
+        cdef cnp.ndarray stats = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+        cdef double* mean = f64(stats)
+        cdef double* m2 = mean + self.G
+        cdef double* rstd = m2 + self.G
+        cdef bint batch = given_mean is None
+        cdef Py_ssize_t c
+        cdef double v
+        cdef cnp.ndarray gm, gv
+        cdef void* xp = cnp.PyArray_DATA(x)
+        cdef void* yp = cnp.PyArray_DATA(y)
+        cdef const double* w = f64(weight)
+        cdef const double* b = f64(bias)
+        if not batch:
+            gm = np.asarray(given_mean, dtype=np.float64)
+            gv = np.asarray(given_var, dtype=np.float64)
+            for c in range(self.C):
+                mean[c] = (<double*>cnp.PyArray_DATA(gm))[c * cnp.PyArray_STRIDE(gm, 0) // 8]
+                v = (<double*>cnp.PyArray_DATA(gv))[c * cnp.PyArray_STRIDE(gv, 0) // 8] + eps
+                # the kernels clamp a variance at 0 (a guard for batch statistics): a negative
+                # var + eps must give NaN, not a finite scale
+                m2[c] = v if v >= 0.0 else NAN
+            eps = 0.0
+        if self.per_channel:
+            if is_float32(x):
+                with nogil:
+                    channel_forward_run(<const float*>xp, <float*>yp, self.N, self.C, self.L, w, b, eps, mean, m2,
+                                        rstd, batch, self.n_threads)
+            else:
+                with nogil:
+                    channel_forward_run(<const double*>xp, <double*>yp, self.N, self.C, self.L, w, b, eps, mean,
+                                        m2, rstd, batch, self.n_threads)
+        elif is_float32(x):
+            with nogil:
+                group_forward_run(<const float*>xp, <float*>yp, self.N * self.C, self.L, self.k, self.C, w, b, eps,
+                                  mean, m2, rstd, self.n_threads)
+        else:
+            with nogil:
+                group_forward_run(<const double*>xp, <double*>yp, self.N * self.C, self.L, self.k, self.C, w, b,
+                                  eps, mean, m2, rstd, self.n_threads)
+        return y, stats
+
+    def backward(self, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean_, cnp.ndarray rstd_, cnp.ndarray weight,
+                 bint batch_stats):
+        """(dx, grads) for the forward of x whose group means and rstd (float64 [G], rows 0 and 2
+        of its statistics) are mean_ and rstd_, with the float64 weight [C] it used; dy
+        C-contiguous like x. grads: float64 (2, C), dweight then dbias."""
+        cdef cnp.ndarray dx = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+        cdef cnp.npy_intp dims[2]
+        dims[0] = 2
+        dims[1] = self.C
+        cdef cnp.ndarray grads = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+        cdef double* dweight = f64(grads)
+        cdef double* dbias = dweight + self.C
+        cdef const double* mean = f64(mean_)
+        cdef const double* rstd = f64(rstd_)
+        cdef const double* w = f64(weight)
+        cdef void* xp = cnp.PyArray_DATA(x)
+        cdef void* dyp = cnp.PyArray_DATA(dy)
+        cdef void* dxp = cnp.PyArray_DATA(dx)
+        cdef Py_ssize_t R = self.N * self.C
+        cdef cnp.ndarray rows
+        cdef double* sums
+        if self.per_channel:
+            if is_float32(x):
+                with nogil:
+                    channel_backward_run(<const float*>xp, <const float*>dyp, <float*>dxp, self.N, self.C, self.L,
+                                         w, mean, rstd, batch_stats, dweight, dbias, self.n_threads)
+            else:
+                with nogil:
+                    channel_backward_run(<const double*>xp, <const double*>dyp, <double*>dxp, self.N, self.C,
+                                         self.L, w, mean, rstd, batch_stats, dweight, dbias, self.n_threads)
+            return dx, grads
+        if not batch_stats:
+            raise ValueError("given statistics take a per-channel plan")
+        dims[0] = 2 * R
+        rows = cnp.PyArray_EMPTY(1, dims, cnp.NPY_FLOAT64, 0)  # per-row sum(dy), sum(dy * (x - mean))
+        sums = f64(rows)
+        if is_float32(x):
+            with nogil:
+                group_backward_run(<const float*>xp, <const float*>dyp, <float*>dxp, R, self.L, self.k, self.C, w,
+                                   mean, rstd, sums, sums + R, self.n_threads)
+        else:
+            with nogil:
+                group_backward_run(<const double*>xp, <const double*>dyp, <double*>dxp, R, self.L, self.k, self.C,
+                                   w, mean, rstd, sums, sums + R, self.n_threads)
+        channel_sums(sums, sums + R, rstd, self.N, self.C, self.k, dweight, dbias)
+        return dx, grads
+
+
+cdef void channel_sums(const double* sdy, const double* sdyxc, const double* rstd, Py_ssize_t N, Py_ssize_t C,
+                       Py_ssize_t k, double* dweight, double* dbias) noexcept nogil:
+    """The parameter gradients of consecutive-row groups: per channel c, over the batch in order,
+    dbias = sum(dy) and dweight = sum(dy * (x - mean) * rstd) of its rows r = n * C + c."""
+    cdef Py_ssize_t n, c, r
+    cdef double s, u
+    for c in range(C):
+        s = 0.0
+        u = 0.0
+        for n in range(N):
+            r = n * C + c
+            s = s + sdy[r]
+            u = u + sdyxc[r] * rstd[r // k]
+        dbias[c] = s
+        dweight[c] = u
+
+
+cdef inline double element(cnp.ndarray a, Py_ssize_t i) noexcept:
+    """a[i] of a 1-D float32 or float64 array of any stride, as a double."""
+    cdef char* p = <char*>cnp.PyArray_DATA(a) + i * cnp.PyArray_STRIDE(a, 0)
+    if is_float32(a):
+        return (<float*>p)[0]
+    return (<double*>p)[0]
+
+
+def running_values(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray mean_, cnp.ndarray m2_,
+                   double factor, double count):
+    """BatchNorm's new running statistics, written nowhere: float64 (2, C), row 0
+    (1 - factor) * running_mean + factor * mean, row 1 the same for running_var with the
+    unbiased batch variance M2 / (count - 1); mean_ and m2_: the batch's, C-contiguous float64
+    [C] (rows 0 and 1 of a per-channel plan's statistics). The buffers: 1-D float32 or float64 of C values, any stride (the
+    layers' checks). The operations and their order are NumPy's on float64 arrays."""
+    cdef Py_ssize_t C = cnp.PyArray_DIM(mean_, 0), c
+    cdef cnp.npy_intp dims[2]
+    dims[0] = 2
+    dims[1] = C
+    cdef cnp.ndarray new = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+    cdef double* out = f64(new)
+    cdef const double* mean = f64(mean_)
+    cdef const double* m2 = f64(m2_)
+    cdef double keep = 1.0 - factor
+    for c in range(C):
+        out[c] = keep * element(running_mean, c) + factor * mean[c]
+        out[C + c] = keep * element(running_var, c) + factor * (m2[c] / (count - 1.0))
+    return new
