@@ -1,4 +1,5 @@
-"""Thread scaling and determinism on a many-core machine: `python benchmarks/thread_scaling.py`.
+"""Thread scaling and determinism on a many-core machine: `python -m benchmarks.thread_scaling`
+(from the repository's root).
 
 For each layer and thread count (1, 2, 4, ... up to the cores): checks that normcore's output,
 dx and parameter gradients are bitwise identical to the 1-thread ones, and prints the best of
@@ -22,7 +23,7 @@ except ImportError:  # pragma: no cover - torch is optional
 def cases():
     from normcore.plugins.switchable import SwitchableNorm2d
 
-    from normcore.bench.peers import torch_switchable_norm
+    from benchmarks.harness.peers import torch_switchable_norm
 
     yield "batch_norm2d", (32, 64, 56, 56), lambda: nc.BatchNorm2d(64), lambda: torch.nn.BatchNorm2d(64)
     yield "instance_norm2d", (32, 64, 56, 56), lambda: nc.InstanceNorm2d(64, affine=True), \

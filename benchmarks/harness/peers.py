@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import normcore as nc
-from normcore.bench import cases
+from . import cases
 
 __all__ = [
     "IMPLS",
