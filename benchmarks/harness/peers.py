@@ -14,8 +14,9 @@ Implementations (`IMPLS`):
     torch        torch.nn modules on the CPU: forward modes under torch.no_grad(); fwd+bwd through
                  autograd (x.requires_grad_(True); y = m(x); y.backward(dy)), with x.grad and the
                  parameters' grads set to None before each call. switchable_norm has no torch.nn
-                 module: its torch peer is a transcription of the released SwitchNorm code
-                 (`torch_switchable_norm`).
+                 module: its torch peer is the tests' transcription of the released SwitchNorm
+                 code (tests/released_switchnorm.py, imported as tests.released_switchnorm from
+                 the checkout's root).
     onnxruntime  inference only (batch_norm eval; the forward of instance_norm, group_norm,
                  layer_norm, local_response_norm): a one-node ONNX model (BatchNormalization,
                  InstanceNormalization, GroupNormalization opset 21, LayerNormalization, LRN) built
@@ -60,7 +61,6 @@ __all__ = [
     "current_threads",
     "cross_check",
     "to_numpy",
-    "torch_switchable_norm",
     "onnx_model",
 ]
 
@@ -353,59 +353,6 @@ def normcore_peer(layer, mode, inp):
 
 # -- torch -----------------------------------------------------------------------------------
 
-_torch_switchable_class = None
-
-
-def torch_switchable_norm():
-    """The torch.nn.Module class transcribing the released SwitchNorm code (Luo et al.), for
-    (N, C, *) input: training and eval forward, backward through autograd (the BN statistics are
-    not detached), running statistics of shape (1, C, 1) kept with momentum 0.9."""
-    global _torch_switchable_class
-    if _torch_switchable_class is not None:
-        return _torch_switchable_class
-    torch = _optional("torch")
-
-    class TorchSwitchNorm(torch.nn.Module):
-        def __init__(self, num_features, eps=EPS, momentum=SN_MOMENTUM):
-            super().__init__()
-            C = num_features
-            self.eps, self.momentum = eps, momentum
-            self.weight = torch.nn.Parameter(torch.ones(1, C, 1))
-            self.bias = torch.nn.Parameter(torch.zeros(1, C, 1))
-            self.mean_weight = torch.nn.Parameter(torch.ones(3))
-            self.var_weight = torch.nn.Parameter(torch.ones(3))
-            self.register_buffer("running_mean", torch.zeros(1, C, 1))
-            self.register_buffer("running_var", torch.zeros(1, C, 1))
-
-        def forward(self, x):
-            shape = x.shape
-            N, C = shape[:2]
-            x = x.view(N, C, -1)
-            mean_in = x.mean(-1, keepdim=True)
-            var_in = x.var(-1, keepdim=True)
-            mean_ln = mean_in.mean(1, keepdim=True)
-            temp = var_in + mean_in ** 2
-            var_ln = temp.mean(1, keepdim=True) - mean_ln ** 2
-            if self.training:
-                mean_bn = mean_in.mean(0, keepdim=True)
-                var_bn = temp.mean(0, keepdim=True) - mean_bn ** 2
-                with torch.no_grad():
-                    self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean_bn)
-                    self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var_bn)
-            else:
-                mean_bn = self.running_mean
-                var_bn = self.running_var
-            mw = torch.softmax(self.mean_weight, 0)
-            vw = torch.softmax(self.var_weight, 0)
-            mean = mw[0] * mean_in + mw[1] * mean_ln + mw[2] * mean_bn
-            var = vw[0] * var_in + vw[1] * var_ln + vw[2] * var_bn
-            x = (x - mean) / (var + self.eps).sqrt()
-            return (x * self.weight + self.bias).view(shape)
-
-    _torch_switchable_class = TorchSwitchNorm
-    return TorchSwitchNorm
-
-
 def _torch_module(layer, inp):
     torch = _optional("torch")
     nn = torch.nn
@@ -422,7 +369,9 @@ def _torch_module(layer, inp):
     elif layer == "local_response_norm":
         m = nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
     else:
-        m = torch_switchable_norm()(C)
+        from tests.released_switchnorm import ReleasedSwitchNorm
+
+        m = ReleasedSwitchNorm(C, dims=x.ndim - 2, eps=EPS, momentum=SN_MOMENTUM)
     m = m.to({np.float32: torch.float32, np.float64: torch.float64}[x.dtype.type])
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var", "mean_weight", "var_weight"):
