@@ -163,7 +163,7 @@ def _extensions():
 
 
 setup(
-    packages=["normcore", "normcore._kernels", "normcore.bench", "normcore.plugins", "normcore.torch"],
+    packages=["normcore", "normcore._kernels", "normcore.plugins", "normcore.torch"],
     package_dir={"normcore.plugins": "plugins"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},

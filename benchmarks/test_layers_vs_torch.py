@@ -1,5 +1,5 @@
-"""Every layer, mode and shape of the benchmark matrix (normcore.bench.cases) with every
-implementation (normcore.bench.peers: normcore, torch, onnxruntime, numpy) at 1 thread and at
+"""Every layer, mode and shape of the benchmark matrix (benchmarks.harness.cases) with every
+implementation (benchmarks.harness.peers: normcore, torch, onnxruntime, numpy) at 1 thread and at
 all cores, the same input for all. Read as a comparison with
 
     pytest benchmarks/ --benchmark-only --benchmark-group-by=group
@@ -7,12 +7,12 @@ all cores, the same input for all. Read as a comparison with
 An implementation that is not installed is skipped with the reason (CI installs them all);
 modes an implementation does not have (ONNX Runtime has no training) are not generated. CI runs the suite with --benchmark-disable, which runs
 each body once so that the harness is tested (about a minute on 2 cores, the whole matrix).
-`python -m normcore bench` times the same matrix with its own runner and reports GB/s.
+`python -m benchmarks.harness` times the same matrix with its own runner and reports GB/s.
 """
 import numpy as np
 import pytest
 
-from normcore.bench import cases, peers
+from benchmarks.harness import cases, peers
 
 # Only the (case, implementation) pairs that exist: ONNX Runtime has no training, so its
 # training cells are not generated rather than skipped.

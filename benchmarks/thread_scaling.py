@@ -1,4 +1,5 @@
-"""Thread scaling and determinism on a many-core machine: `python benchmarks/thread_scaling.py`.
+"""Thread scaling and determinism on a many-core machine: `python -m benchmarks.thread_scaling`
+(from the repository's root).
 
 For each layer and thread count (1, 2, 4, ... up to the cores): checks that normcore's output,
 dx and parameter gradients are bitwise identical to the 1-thread ones, and prints the best of
@@ -22,7 +23,8 @@ except ImportError:  # pragma: no cover - torch is optional
 def cases():
     from normcore.plugins.switchable import SwitchableNorm2d
 
-    from normcore.bench.peers import torch_switchable_norm
+    if torch is not None:  # the released algorithm, as the tests transcribe it
+        from tests.released_switchnorm import ReleasedSwitchNorm
 
     yield "batch_norm2d", (32, 64, 56, 56), lambda: nc.BatchNorm2d(64), lambda: torch.nn.BatchNorm2d(64)
     yield "instance_norm2d", (32, 64, 56, 56), lambda: nc.InstanceNorm2d(64, affine=True), \
@@ -32,7 +34,7 @@ def cases():
     yield "local_response_norm", (16, 96, 27, 29), lambda: nc.LocalResponseNorm(5), \
         lambda: torch.nn.LocalResponseNorm(5)
     yield "switchable_norm2d", (24, 96, 40, 40), lambda: SwitchableNorm2d(96), \
-        lambda: torch_switchable_norm()(96)  # the released algorithm, transcribed
+        lambda: ReleasedSwitchNorm(96)
 
 
 def best(f, repeats):

@@ -1,6 +1,12 @@
-"""Command line: `python -m normcore demo`, `python -m normcore bench [options]`."""
+"""Command line: `python -m normcore demo`.
+
+The benchmark harness is not part of the library: it is `python -m benchmarks.harness`, run
+from the root of a source checkout (benchmarks/harness/)."""
 import argparse
 import sys
+
+MOVED = ("python -m normcore bench is gone: the benchmark harness lives in the source checkout's "
+         "benchmarks/harness/; run `python -m benchmarks.harness [options]` from the repository's root")
 
 
 def main(argv=None):
@@ -8,26 +14,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m normcore", description="normcore command line")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="walk through the seed document's BatchNorm2d example")
-    try:
-        from normcore.bench import runner
-    except ImportError as exc:  # an installation without the normcore.bench subpackage
-        runner, missing = None, exc
-    bench = sub.add_parser(
-        "bench", help="time every layer against PyTorch, ONNX Runtime and NumPy",
-        description="Time normcore's layers next to PyTorch, ONNX Runtime and plain NumPy (those "
-                    "installed) and print GB/s of useful memory traffic against a parallel copy's. "
-                    "See normcore.bench for what is measured.")
-    if runner is not None:
-        runner.add_arguments(bench)
+    if argv[:1] == ["bench"]:  # the old command: say where it went, whatever its options
+        raise SystemExit(MOVED)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from normcore import demo
 
         return demo.run()
-    if args.command == "bench":
-        if runner is None:
-            raise SystemExit(f"python -m normcore bench: normcore.bench cannot be imported here ({missing})")
-        return runner.main(args, argv)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

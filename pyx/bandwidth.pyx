@@ -1,6 +1,6 @@
-"""A parallel copy, the yardstick of `python -m normcore bench`: the memory bandwidth this
-machine gives a kernel like ours (plain loads and stores, fixed chunks, the same thread team)
-at a given thread count. Useful traffic of a copy of n bytes: n read + n written.
+"""A parallel copy, the yardstick of the benchmark harness (`python -m benchmarks.harness`): the
+memory bandwidth this machine gives a kernel like ours (plain loads and stores, fixed chunks, the
+same thread team) at a given thread count. Useful traffic of a copy of n bytes: n read + n written.
 """
 from cython.parallel import prange
 

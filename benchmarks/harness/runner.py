@@ -1,5 +1,5 @@
 """Timing, the copy-bandwidth yardstick, the report (text, Markdown, plot) and the command
-`python -m normcore bench`.
+`python -m benchmarks.harness` (run from the repository's root).
 
 Timing (`time_call`): one warm-up call, then repetitions of `number` back-to-back calls, where
 `number` makes a repetition last about min_time / repeat (1 for slow calls). Repetitions go on
@@ -9,7 +9,7 @@ is kept too. The minimum is the least disturbed by other work on the machine. Th
 implementations of one cell are timed interleaved, in ROUNDS rounds (`_run_case`), so that a
 burst of other work falls on all of them.
 
-Throughput: GB/s of useful traffic = cases.traffic_bytes(...) / time (see normcore.bench.cases
+Throughput: GB/s of useful traffic = cases.traffic_bytes(...) / time (see benchmarks.harness.cases
 for what counts). The yardstick is a parallel copy measured in the same run at the same thread
 count (normcore._kernels.bandwidth.copy, float32 arrays of --copy-mib MiB, best of several): a
 copy of n bytes moves 2n bytes, so "of copy" = GB/s / copy GB/s says how close a layer comes to
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import normcore as nc
-from normcore.bench import cases as cases_mod
-from normcore.bench import peers
+from . import cases as cases_mod
+from . import peers
 
 __all__ = [
     "Timing",
@@ -50,6 +50,7 @@ __all__ = [
     "plot_report",
     "require_matplotlib",
     "add_arguments",
+    "argument_parser",
     "main",
 ]
 
@@ -511,8 +512,11 @@ def _non_negative_float(text):
     return x
 
 
+COMMAND = "python -m benchmarks.harness"
+
+
 def add_arguments(parser):
-    """The options of `python -m normcore bench`."""
+    """The options of `python -m benchmarks.harness`."""
     parser.add_argument("--threads", type=_positive_int, nargs="+", action="extend", metavar="N",
                         help=f"thread counts to run at (repeatable; default: 1 and all cores, "
                              f"here {' '.join(map(str, default_threads()))})")
@@ -539,9 +543,20 @@ def add_arguments(parser):
     return parser
 
 
-def main(args, argv=None):
-    """Run the command for parsed `args`; `argv` (the arguments after `python -m normcore`) is
-    echoed in the Markdown as the command that regenerates it."""
+def argument_parser():
+    """The command's argument parser."""
+    return add_arguments(argparse.ArgumentParser(
+        prog=COMMAND,
+        description="Time normcore's layers next to PyTorch, ONNX Runtime and plain NumPy (those "
+                    "installed) and print GB/s of useful memory traffic against a parallel copy's. "
+                    "Run from the repository's root; see benchmarks/harness for what is measured."))
+
+
+def main(argv=None):
+    """Run the command on `argv` (default: sys.argv[1:]), which the Markdown also echoes as the
+    command that regenerates it."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = argument_parser().parse_args(argv)
     if args.plot:
         require_matplotlib()  # fail now, not after the benchmarks
     budget = QUICK if args.quick else FULL
@@ -560,8 +575,7 @@ def main(args, argv=None):
         plot_report(report, args.plot)
         print(f"plot written to {args.plot}")
     if args.markdown:
-        argv = sys.argv[1:] if argv is None else list(argv)
-        command = "python -m normcore " + shlex.join(argv)
+        command = f"{COMMAND} {shlex.join(argv)}".rstrip()
         with open(args.markdown, "w", encoding="utf-8") as f:
             f.write(markdown_report(report, command, args.plot, args.markdown))
         print(f"Markdown written to {args.markdown}")

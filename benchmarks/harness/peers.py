@@ -14,15 +14,21 @@ Implementations (`IMPLS`):
     torch        torch.nn modules on the CPU: forward modes under torch.no_grad(); fwd+bwd through
                  autograd (x.requires_grad_(True); y = m(x); y.backward(dy)), with x.grad and the
                  parameters' grads set to None before each call. switchable_norm has no torch.nn
-                 module: its torch peer is a transcription of the released SwitchNorm code
-                 (`torch_switchable_norm`).
+                 module: its torch peer is the tests' transcription of the released SwitchNorm
+                 code (tests/released_switchnorm.py, imported as tests.released_switchnorm from
+                 the checkout's root).
     onnxruntime  inference only (batch_norm eval; the forward of instance_norm, group_norm,
                  layer_norm, local_response_norm): a one-node ONNX model (BatchNormalization,
                  InstanceNormalization, GroupNormalization opset 21, LayerNormalization, LRN) built
                  in memory with onnx.helper, run by an InferenceSession on CPUExecutionProvider with
                  intra_op_num_threads = the thread count and inter_op_num_threads = 1.
     numpy        plain vectorised NumPy written here, float32 in, statistics the natural NumPy way
-                 (x.mean / x.var on the float32 array), forward and backward.
+                 (x.mean / x.var on the float32 array), forward and backward, for every layer but
+                 switchable_norm: the project's NumPy SwitchableNorm is the tests' float64
+                 reference (tests/reference.py), written for clarity, not speed (timed as a peer it
+                 took 3x the time of the vectorised float32 version this peer had, for a training
+                 forward, and 4x for fwd+bwd), and a formula of its own here would be one more copy
+                 of the algorithm. switchable_norm is timed against torch.
 
 torch, onnxruntime and onnx are optional: imported on first use, and reported by
 `available_peers()` / `unavailable_reason()` rather than raising at import.
@@ -41,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import normcore as nc
-from normcore.bench import cases
+from . import cases
 
 __all__ = [
     "IMPLS",
@@ -60,7 +66,6 @@ __all__ = [
     "current_threads",
     "cross_check",
     "to_numpy",
-    "torch_switchable_norm",
     "onnx_model",
 ]
 
@@ -85,6 +90,7 @@ _ONNX_SUPPORTED = {
     "layer_norm": ("forward",),
     "local_response_norm": ("forward",),
 }
+_NUMPY_UNSUPPORTED = ("switchable_norm",)  # see the module docstring
 
 
 class PeerUnavailable(ImportError):
@@ -137,6 +143,8 @@ def supports(impl, layer, mode):
         return False
     if impl == "onnxruntime":
         return mode in _ONNX_SUPPORTED.get(layer, ())
+    if impl == "numpy":
+        return layer not in _NUMPY_UNSUPPORTED
     return True
 
 
@@ -353,59 +361,6 @@ def normcore_peer(layer, mode, inp):
 
 # -- torch -----------------------------------------------------------------------------------
 
-_torch_switchable_class = None
-
-
-def torch_switchable_norm():
-    """The torch.nn.Module class transcribing the released SwitchNorm code (Luo et al.), for
-    (N, C, *) input: training and eval forward, backward through autograd (the BN statistics are
-    not detached), running statistics of shape (1, C, 1) kept with momentum 0.9."""
-    global _torch_switchable_class
-    if _torch_switchable_class is not None:
-        return _torch_switchable_class
-    torch = _optional("torch")
-
-    class TorchSwitchNorm(torch.nn.Module):
-        def __init__(self, num_features, eps=EPS, momentum=SN_MOMENTUM):
-            super().__init__()
-            C = num_features
-            self.eps, self.momentum = eps, momentum
-            self.weight = torch.nn.Parameter(torch.ones(1, C, 1))
-            self.bias = torch.nn.Parameter(torch.zeros(1, C, 1))
-            self.mean_weight = torch.nn.Parameter(torch.ones(3))
-            self.var_weight = torch.nn.Parameter(torch.ones(3))
-            self.register_buffer("running_mean", torch.zeros(1, C, 1))
-            self.register_buffer("running_var", torch.zeros(1, C, 1))
-
-        def forward(self, x):
-            shape = x.shape
-            N, C = shape[:2]
-            x = x.view(N, C, -1)
-            mean_in = x.mean(-1, keepdim=True)
-            var_in = x.var(-1, keepdim=True)
-            mean_ln = mean_in.mean(1, keepdim=True)
-            temp = var_in + mean_in ** 2
-            var_ln = temp.mean(1, keepdim=True) - mean_ln ** 2
-            if self.training:
-                mean_bn = mean_in.mean(0, keepdim=True)
-                var_bn = temp.mean(0, keepdim=True) - mean_bn ** 2
-                with torch.no_grad():
-                    self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean_bn)
-                    self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var_bn)
-            else:
-                mean_bn = self.running_mean
-                var_bn = self.running_var
-            mw = torch.softmax(self.mean_weight, 0)
-            vw = torch.softmax(self.var_weight, 0)
-            mean = mw[0] * mean_in + mw[1] * mean_ln + mw[2] * mean_bn
-            var = vw[0] * var_in + vw[1] * var_ln + vw[2] * var_bn
-            x = (x - mean) / (var + self.eps).sqrt()
-            return (x * self.weight + self.bias).view(shape)
-
-    _torch_switchable_class = TorchSwitchNorm
-    return TorchSwitchNorm
-
-
 def _torch_module(layer, inp):
     torch = _optional("torch")
     nn = torch.nn
@@ -422,7 +377,9 @@ def _torch_module(layer, inp):
     elif layer == "local_response_norm":
         m = nn.LocalResponseNorm(LRN_SIZE, alpha=LRN_ALPHA, beta=LRN_BETA, k=LRN_K)
     else:
-        m = torch_switchable_norm()(C)
+        from tests.released_switchnorm import ReleasedSwitchNorm
+
+        m = ReleasedSwitchNorm(C, dims=x.ndim - 2, eps=EPS, momentum=SN_MOMENTUM)
     m = m.to({np.float32: torch.float32, np.float64: torch.float64}[x.dtype.type])
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var", "mean_weight", "var_weight"):
@@ -512,11 +469,6 @@ def onnxruntime_peer(layer, mode, inp):
 
 # -- numpy -----------------------------------------------------------------------------------
 
-def _softmax(w):
-    e = np.exp(w - w.max())
-    return e / e.sum()
-
-
 class _NumpyNorm:
     """Forward and backward of one layer in plain NumPy; the forward keeps what backward needs."""
 
@@ -527,7 +479,6 @@ class _NumpyNorm:
         self.weight, self.bias = inp.weight, inp.bias
         self.running_mean = None if inp.running_mean is None else inp.running_mean.copy()
         self.running_var = None if inp.running_var is None else inp.running_var.copy()
-        self.mean_weight, self.var_weight = inp.mean_weight, inp.var_weight
         self.grads = {}
         self._cache = None
 
@@ -627,55 +578,6 @@ class _NumpyNorm:
         # x_i is in the window of c for c in i - (size-1)//2 .. i + size//2: the mirrored window.
         u = self._window_sum(t, (LRN_SIZE - 1) // 2, LRN_SIZE // 2)
         return dy / div - (2.0 * LRN_ALPHA * LRN_BETA / LRN_SIZE) * x * u
-
-    # -- switchable norm (the released algorithm) --------------------------------------------
-    def _forward_switchable_norm(self, x):
-        N, C = x.shape[:2]
-        xr = x.reshape(N, C, -1)
-        mean_in = xr.mean(axis=-1, keepdims=True)
-        var_in = xr.var(axis=-1, keepdims=True, ddof=1)
-        temp = var_in + mean_in ** 2
-        mean_ln = mean_in.mean(axis=1, keepdims=True)
-        var_ln = temp.mean(axis=1, keepdims=True) - mean_ln ** 2
-        if self.training:
-            mean_bn = mean_in.mean(axis=0, keepdims=True)
-            var_bn = temp.mean(axis=0, keepdims=True) - mean_bn ** 2
-            self.running_mean[...] = SN_MOMENTUM * self.running_mean + (1 - SN_MOMENTUM) * mean_bn.ravel()
-            self.running_var[...] = SN_MOMENTUM * self.running_var + (1 - SN_MOMENTUM) * var_bn.ravel()
-        else:
-            mean_bn = self.running_mean.reshape(1, C, 1)
-            var_bn = self.running_var.reshape(1, C, 1)
-        mw, vw = _softmax(self.mean_weight), _softmax(self.var_weight)
-        means, variances = (mean_in, mean_ln, mean_bn), (var_in, var_ln, var_bn)
-        mean = mw[0] * mean_in + mw[1] * mean_ln + mw[2] * mean_bn
-        var = vw[0] * var_in + vw[1] * var_ln + vw[2] * var_bn
-        rstd = 1.0 / np.sqrt(var + EPS)
-        xhat = (xr - mean) * rstd
-        self._cache = xr, xhat, rstd, means, variances, mw, vw
-        return (xhat * self.weight.reshape(1, C, 1) + self.bias.reshape(1, C, 1)).reshape(x.shape)
-
-    def _backward_switchable_norm(self, dy):
-        xr, xhat, rstd, (mean_in, mean_ln, mean_bn), variances, mw, vw = self._cache
-        N, C, L = xr.shape
-        dyr = dy.reshape(N, C, L)
-        g = dyr * self.weight.reshape(1, C, 1)
-        d_var = (g * xhat).sum(axis=-1, keepdims=True) * (-0.5 * rstd * rstd)  # through rstd
-        d_mean = -g.sum(axis=-1, keepdims=True) * rstd
-        # mean = sum_i mw_i mean_i; mean_ln, mean_bn are averages of mean_in over C, over N.
-        d_mean_in = (mw[0] * d_mean + mw[1] * d_mean.sum(axis=1, keepdims=True) / C
-                     + mw[2] * d_mean.sum(axis=0, keepdims=True) / N)
-        # var = sum_i vw_i var_i; var_ln = mean_C(var_in + mean_in^2) - mean_ln^2, var_bn over N.
-        d_ln = vw[1] * d_var.sum(axis=1, keepdims=True) / C
-        d_bn = vw[2] * d_var.sum(axis=0, keepdims=True) / N
-        d_var_in = vw[0] * d_var + d_ln + d_bn
-        d_mean_in = d_mean_in + 2.0 * d_ln * (mean_in - mean_ln) + 2.0 * d_bn * (mean_in - mean_bn)
-        dx = g * rstd + d_mean_in / L + d_var_in * (2.0 / (L - 1)) * (xr - mean_in)
-        d_mw = np.array([np.sum(d_mean * m) for m in (mean_in, mean_ln, mean_bn)])
-        d_vw = np.array([np.sum(d_var * v) for v in variances])
-        self.grads = {"weight": (dyr * xhat).sum(axis=(0, 2)), "bias": dyr.sum(axis=(0, 2)),
-                      "mean_weight": mw * (d_mw - np.dot(mw, d_mw)),
-                      "var_weight": vw * (d_vw - np.dot(vw, d_vw))}
-        return dx.reshape(dy.shape)
 
 
 def numpy_peer(layer, mode, inp):
