@@ -115,6 +115,8 @@ def rows_of(x, grouping):
     """x (N, C, *) as the kernels read it: an [N, L, C] view when its memory is channels-last,
     else [N*C, L] rows (a view when x is C-contiguous). The one layout rule of forward and
     backward."""
+    if x.flags.c_contiguous:
+        return x.reshape(grouping.N * grouping.C, grouping.L)
     x3 = channels_last_rows(x, grouping.N, grouping.C)
     return x3 if x3 is not None else as_rows(x, grouping.N, grouping.C)
 

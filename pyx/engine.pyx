@@ -37,6 +37,26 @@ cdef inline double* f64(cnp.ndarray a) noexcept:
     return <double*>cnp.PyArray_DATA(a)
 
 
+cdef inline double element(cnp.ndarray a, Py_ssize_t i) noexcept:
+    """a[i] of a 1-D float32 or float64 array of any stride, as a double."""
+    cdef char* p = <char*>cnp.PyArray_DATA(a) + i * cnp.PyArray_STRIDE(a, 0)
+    if is_float32(a):
+        return (<float*>p)[0]
+    return (<double*>p)[0]
+
+
+cdef cnp.ndarray as_vector(object v, Py_ssize_t n):
+    """v as a 1-D float32 or float64 array of n values in native byte order (itself when it is
+    one already, any stride; else a float64 copy)."""
+    cdef cnp.ndarray a
+    if isinstance(v, cnp.ndarray):
+        a = <cnp.ndarray>v
+        if (cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_DIM(a, 0) == n and cnp.PyArray_ISNOTSWAPPED(a)
+                and (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 or cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64)):
+            return a
+    return np.ascontiguousarray(v, dtype=np.float64).reshape(n)
+
+
 cdef class Plan:
     """How one input shape is normalised: the grouping (N, C, L, outer, k, inner) and the thread
     count. Built once per layer and shape; forward and backward are one call each.
@@ -87,11 +107,11 @@ cdef class Plan:
         cdef const double* w = f64(weight)
         cdef const double* b = f64(bias)
         if not batch:
-            gm = np.asarray(given_mean, dtype=np.float64)
-            gv = np.asarray(given_var, dtype=np.float64)
+            gm = as_vector(given_mean, self.C)
+            gv = as_vector(given_var, self.C)
             for c in range(self.C):
-                mean[c] = (<double*>cnp.PyArray_DATA(gm))[c * cnp.PyArray_STRIDE(gm, 0) // 8]
-                v = (<double*>cnp.PyArray_DATA(gv))[c * cnp.PyArray_STRIDE(gv, 0) // 8] + eps
+                mean[c] = element(gm, c)
+                v = element(gv, c) + eps
                 # the kernels clamp a variance at 0 (a guard for batch statistics): a negative
                 # var + eps must give NaN, not a finite scale
                 m2[c] = v if v >= 0.0 else NAN
@@ -180,21 +200,14 @@ cdef void channel_sums(const double* sdy, const double* sdyxc, const double* rst
         dweight[c] = u
 
 
-cdef inline double element(cnp.ndarray a, Py_ssize_t i) noexcept:
-    """a[i] of a 1-D float32 or float64 array of any stride, as a double."""
-    cdef char* p = <char*>cnp.PyArray_DATA(a) + i * cnp.PyArray_STRIDE(a, 0)
-    if is_float32(a):
-        return (<float*>p)[0]
-    return (<double*>p)[0]
-
-
 def running_values(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray mean_, cnp.ndarray m2_,
                    double factor, double count):
     """BatchNorm's new running statistics, written nowhere: float64 (2, C), row 0
     (1 - factor) * running_mean + factor * mean, row 1 the same for running_var with the
-    unbiased batch variance M2 / (count - 1); mean_ and m2_: the batch's, C-contiguous float64
-    [C] (rows 0 and 1 of a per-channel plan's statistics). The buffers: 1-D float32 or float64 of C values, any stride (the
-    layers' checks). The operations and their order are NumPy's on float64 arrays."""
+    unbiased batch variance M2 / (count - 1). mean_ and m2_: the batch's, C-contiguous float64
+    [C] (rows 0 and 1 of a per-channel plan's statistics). The buffers: C values, read in
+    place when float32 or float64 (any stride), else converted. The operations and their
+    order are NumPy's on float64 arrays."""
     cdef Py_ssize_t C = cnp.PyArray_DIM(mean_, 0), c
     cdef cnp.npy_intp dims[2]
     dims[0] = 2
@@ -204,6 +217,8 @@ def running_values(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarra
     cdef const double* mean = f64(mean_)
     cdef const double* m2 = f64(m2_)
     cdef double keep = 1.0 - factor
+    running_mean = as_vector(running_mean, C)
+    running_var = as_vector(running_var, C)
     for c in range(C):
         out[c] = keep * element(running_mean, c) + factor * mean[c]
         out[C + c] = keep * element(running_var, c) + factor * (m2[c] / (count - 1.0))

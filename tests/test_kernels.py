@@ -1269,6 +1269,10 @@ def test_plan_with_given_statistics_is_torch_s_rule(running_dtype):
     plan = Plan(N, C, L, 1, N, C, 1)
     eps = 1e-3
     y, stats = plan.forward(x, w, b, eps, mean, var)
+    y_swapped, stats_swapped = plan.forward(x, w, b, eps, mean.astype(mean.dtype.newbyteorder()),
+                                            var.astype(var.dtype.newbyteorder()))
+    np.testing.assert_array_equal(y_swapped, y)
+    np.testing.assert_array_equal(stats_swapped, stats)
     var_eps = var.astype(np.float64) + eps
     with np.errstate(divide="ignore"):
         expected_rstd = np.where(var_eps >= 0, 1 / np.sqrt(np.maximum(var_eps, 0)), np.nan)
@@ -1297,6 +1301,9 @@ def test_running_values_are_numpy_s_update_bit_for_bit(dtype):
     rv = rng.random(C).astype(dtype) + 0.5
     mean, m2 = rng.standard_normal(C), rng.random(C) * 40
     new = running_values(rm, rv, mean, m2, factor, count)
+    swapped = running_values(rm.astype(rm.dtype.newbyteorder()), rv.astype(rv.dtype.newbyteorder()), mean, m2,
+                             factor, count)
+    np.testing.assert_array_equal(swapped, new)
     expected_mean = (1.0 - factor) * rm.astype(np.float64) + factor * mean
     expected_var = (1.0 - factor) * rv.astype(np.float64) + factor * (m2 / (count - 1))
     np.testing.assert_array_equal(new, np.stack([expected_mean, expected_var]))
