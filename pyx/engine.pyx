@@ -37,6 +37,14 @@ cdef inline double* f64(cnp.ndarray a) noexcept:
     return <double*>cnp.PyArray_DATA(a)
 
 
+cdef cnp.ndarray float64_matrix(Py_ssize_t rows, Py_ssize_t cols):
+    """A new uninitialised C-contiguous float64 array (rows, cols)."""
+    cdef cnp.npy_intp dims[2]
+    dims[0] = rows
+    dims[1] = cols
+    return cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+
+
 cdef inline double element(cnp.ndarray a, Py_ssize_t i) noexcept:
     """a[i] of a 1-D float32 or float64 array of any stride, as a double."""
     cdef char* p = <char*>cnp.PyArray_DATA(a) + i * cnp.PyArray_STRIDE(a, 0)
@@ -91,10 +99,7 @@ cdef class Plan:
         a per-channel plan), those statistics: rstd = 1 / sqrt(var + eps), NaN where var + eps
         is negative, as PyTorch; else the statistics of x."""
         cdef cnp.ndarray y = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
-        cdef cnp.npy_intp dims[2]
-        dims[0] = 3
-        dims[1] = self.G
-        cdef cnp.ndarray stats = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+        cdef cnp.ndarray stats = float64_matrix(3, self.G)
         cdef double* mean = f64(stats)
         cdef double* m2 = mean + self.G
         cdef double* rstd = m2 + self.G
@@ -141,10 +146,7 @@ cdef class Plan:
         of its statistics) are mean_ and rstd_, with the float64 weight [C] it used; dy
         C-contiguous like x. grads: float64 (2, C), dweight then dbias."""
         cdef cnp.ndarray dx = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
-        cdef cnp.npy_intp dims[2]
-        dims[0] = 2
-        dims[1] = self.C
-        cdef cnp.ndarray grads = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+        cdef cnp.ndarray grads = float64_matrix(2, self.C)
         cdef double* dweight = f64(grads)
         cdef double* dbias = dweight + self.C
         cdef const double* mean = f64(mean_)
@@ -168,8 +170,7 @@ cdef class Plan:
             return dx, grads
         if not batch_stats:
             raise ValueError("given statistics take a per-channel plan")
-        dims[0] = 2 * R
-        rows = cnp.PyArray_EMPTY(1, dims, cnp.NPY_FLOAT64, 0)  # per-row sum(dy), sum(dy * (x - mean))
+        rows = float64_matrix(2, R)  # per-row sum(dy), sum(dy * (x - mean)), one after the other
         sums = f64(rows)
         if is_float32(x):
             with nogil:
@@ -209,10 +210,7 @@ def running_values(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarra
     place when float32 or float64 (any stride), else converted. The operations and their
     order are NumPy's on float64 arrays."""
     cdef Py_ssize_t C = cnp.PyArray_DIM(mean_, 0), c
-    cdef cnp.npy_intp dims[2]
-    dims[0] = 2
-    dims[1] = C
-    cdef cnp.ndarray new = cnp.PyArray_EMPTY(2, dims, cnp.NPY_FLOAT64, 0)
+    cdef cnp.ndarray new = float64_matrix(2, C)
     cdef double* out = f64(new)
     cdef const double* mean = f64(mean_)
     cdef const double* m2 = f64(m2_)
