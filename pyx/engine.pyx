@@ -20,7 +20,7 @@ kernels and a NumPy combine.
 """
 cimport numpy as cnp
 import numpy as np
-from libc.math cimport NAN, sqrt
+from libc.math cimport NAN
 
 cnp.import_array()
 
@@ -98,6 +98,8 @@ cdef class Plan:
         float64 [C] C-contiguous. With given_mean and given_var (per channel, any float dtype;
         a per-channel plan), those statistics: rstd = 1 / sqrt(var + eps), NaN where var + eps
         is negative, as PyTorch; else the statistics of x."""
+        if given_mean is not None and not self.per_channel:
+            raise ValueError("given statistics take a per-channel plan")
         cdef cnp.ndarray y = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
         cdef cnp.ndarray stats = float64_matrix(3, self.G)
         cdef double* mean = f64(stats)

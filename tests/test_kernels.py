@@ -1293,6 +1293,16 @@ def test_plan_refuses_a_grouping_it_cannot_run(bad):
         Plan(*bad)
 
 
+def test_a_group_plan_refuses_given_statistics():
+    """Given statistics are per channel: a plan over groups of rows would ignore them."""
+    plan = Plan(2, 4, 3, 4, 2, 1, 1)
+    x = np.ones((8, 3))
+    with pytest.raises(ValueError, match="per-channel plan"):
+        plan.forward(x, np.ones(4), np.zeros(4), 1e-5, np.zeros(4), np.ones(4))
+    with pytest.raises(ValueError, match="per-channel plan"):
+        plan.backward(x, x, np.zeros(4), np.ones(4), np.ones(4), False)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_running_values_are_numpy_s_update_bit_for_bit(dtype):
     rng = np.random.default_rng(3)
