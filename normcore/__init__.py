@@ -32,7 +32,7 @@ from normcore.registry import (
     list_norms,
     register_norm,
 )
-from normcore.threads import get_num_threads, openmp_enabled, set_num_threads
+from normcore.threads import get_num_threads, instruction_set, openmp_enabled, set_num_threads
 
 __version__ = "0.1.0"
 
@@ -60,6 +60,7 @@ __all__ = [
     "PluginLoadError",
     "set_num_threads",
     "get_num_threads",
+    "instruction_set",
     "openmp_enabled",
 ]
 

@@ -11,13 +11,18 @@ a fixed order, so every output is bitwise identical for any thread count.
 At most ``MAX_THREADS`` (1024) threads are used: ``set_num_threads`` refuses more with
 ValueError (an OpenMP team of 10**5 threads exhausts the process's resources and crashes it),
 and a larger OpenMP default (``OMP_NUM_THREADS=100000``) is clamped to it with a warning.
+
+The instruction set the kernels run (``instruction_set()``) is chosen once, when they load: the
+best the CPU has, capped by the environment variable ``NORMCORE_ISA`` (``baseline``, ``avx2``
+or ``avx512f``). It changes the speed, never a bit of a result.
 """
 import numbers
+import os
 
 from normcore._kernels import openmp_info
 from normcore.validation import warn_user
 
-__all__ = ["set_num_threads", "get_num_threads", "openmp_enabled", "MAX_THREADS"]
+__all__ = ["set_num_threads", "get_num_threads", "openmp_enabled", "instruction_set", "MAX_THREADS"]
 
 # More threads than any machine's cores today, few enough for an OpenMP team to start anywhere.
 MAX_THREADS = 1024
@@ -109,3 +114,36 @@ def openmp_enabled():
     True
     """
     return openmp_info.openmp_enabled()
+
+
+def instruction_set():
+    """The instruction set of the kernels' variant that runs: ``"baseline"``, ``"avx2"`` or
+    ``"avx512f"`` (the best the CPU has, capped by ``NORMCORE_ISA``; every variant gives the
+    same bits).
+
+    Returns
+    -------
+    str
+
+    Examples
+    --------
+    >>> import normcore as nc
+    >>> nc.instruction_set() in ("baseline", "avx2", "avx512f")
+    True
+    """
+    return openmp_info.instruction_set()
+
+
+def _check_isa_cap():
+    """Warn when NORMCORE_ISA names no instruction set: the kernels then ignore it."""
+    cap = os.environ.get("NORMCORE_ISA")
+    if cap and cap not in openmp_info.ISA_NAMES:
+        warn_user(
+            f"NORMCORE_ISA={cap!r} is not an instruction set normcore has; expected one of "
+            f"{', '.join(repr(n) for n in openmp_info.ISA_NAMES)}. The kernels ignore it and run "
+            f"{instruction_set()!r}, the best this CPU has.",
+            RuntimeWarning,
+        )
+
+
+_check_isa_cap()

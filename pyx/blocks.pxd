@@ -1,6 +1,7 @@
-# The per-block and per-run arithmetic shared by the kernels lives in row_ops.h (C, so that the
-# 16-lane sums vectorise and the entry points are compiled for AVX2 as well); this file picks
-# the float32 or float64 version and adds the merge of parts computed in parallel.
+# The per-block and per-run arithmetic shared by the kernels lives in row_ops.h (C templates, so
+# that the 16-lane sums vectorise and every entry point is compiled for each instruction set:
+# dispatch.h); this file picks the float32 or float64 version and adds the merge of parts
+# computed in parallel.
 from fused_types cimport floating
 
 cdef extern from "row_ops.h" nogil:

@@ -1,12 +1,14 @@
-/* The functions of channel_ops.h for one element type T; NC_NAME(f) gives f its type suffix.
- * Included twice by channel_ops.h, never on its own. */
+/* The functions of channel_ops.h for one element type T and one instruction set: NC_NAME(f) is f
+ * with both suffixes (dispatch.h). Included by for_each_isa.h only, once per type and ISA, then
+ * once more (NC_DISPATCH_PASS) to bind the entry points listed at the end. */
+#ifndef NC_DISPATCH_PASS
 
 /* p[0 .. 3] - sub as a quad, keeping only the first m lanes (m <= 0: none; m >= 4: all) and
  * +0 in the others; reads only the values it keeps. */
 NC_INLINE nc_quad NC_NAME(nc_quad_tail)(const T *p, ptrdiff_t m, double sub)
 {
     if (m >= 4)
-        return nc_quad_sub(NC_NAME(nc_quad_load)(p), nc_quad_set1(sub));
+        return nc_quad_sub(NC_TYPED(nc_quad_load)(p), nc_quad_set1(sub));
     if (m <= 0)
         return nc_quad_set1(0.0);
     return nc_quad_make((double)p[0] - sub, m > 1 ? (double)p[1] - sub : 0.0, m > 2 ? (double)p[2] - sub : 0.0, 0.0);
@@ -14,7 +16,7 @@ NC_INLINE nc_quad NC_NAME(nc_quad_tail)(const T *p, ptrdiff_t m, double sub)
 
 /* Moments of a block: the rows n0 .. n1-1 (n1 > n0) of channel c, rows of L values (L >= 1,
  * (n1 - n0) * L <= NC_BLOCK), of x as [N, C, L]. (OUT: mean, m2) */
-NC_MULTIVERSION static void NC_NAME(nc_channel_block_moments)(const T *x, ptrdiff_t C, ptrdiff_t L,
+NC_ENTRY void NC_NAME(nc_channel_block_moments)(const T *x, ptrdiff_t C, ptrdiff_t L,
                                                              ptrdiff_t c, ptrdiff_t n0, ptrdiff_t n1,
                                                              double *mean, double *m2)
 {
@@ -26,10 +28,10 @@ NC_MULTIVERSION static void NC_NAME(nc_channel_block_moments)(const T *x, ptrdif
     nc_lanes_zero(&acc);
     for (ptrdiff_t n = n0; n < n1; n++, row += C * L) {
         for (ptrdiff_t j = 0; j < L16; j += NC_LANES)
-            nc_lanes_moments(&acc, nc_quad_sub(NC_NAME(nc_quad_load)(row + j), k4),
-                             nc_quad_sub(NC_NAME(nc_quad_load)(row + j + 4), k4),
-                             nc_quad_sub(NC_NAME(nc_quad_load)(row + j + 8), k4),
-                             nc_quad_sub(NC_NAME(nc_quad_load)(row + j + 12), k4));
+            nc_lanes_moments(&acc, nc_quad_sub(NC_TYPED(nc_quad_load)(row + j), k4),
+                             nc_quad_sub(NC_TYPED(nc_quad_load)(row + j + 4), k4),
+                             nc_quad_sub(NC_TYPED(nc_quad_load)(row + j + 8), k4),
+                             nc_quad_sub(NC_TYPED(nc_quad_load)(row + j + 12), k4));
         if (tail) {
             /* the tail's values x - k in lanes 0 .. tail-1; the others add +0 to lanes that
              * started at +0, which changes no bit */
@@ -59,12 +61,12 @@ NC_INLINE void NC_NAME(nc_chblk_grad_sums)(const T *x, const T *dy, ptrdiff_t C,
     nc_lanes_zero(&acc);
     for (ptrdiff_t n = n0; n < n1; n++, xr += C * L, gr += C * L) {
         for (ptrdiff_t j = 0; j < L16; j += NC_LANES)
-            nc_lanes_grad(&acc, NC_NAME(nc_quad_load)(gr + j), NC_NAME(nc_quad_load)(gr + j + 4),
-                          NC_NAME(nc_quad_load)(gr + j + 8), NC_NAME(nc_quad_load)(gr + j + 12),
-                          nc_quad_sub(NC_NAME(nc_quad_load)(xr + j), c4),
-                          nc_quad_sub(NC_NAME(nc_quad_load)(xr + j + 4), c4),
-                          nc_quad_sub(NC_NAME(nc_quad_load)(xr + j + 8), c4),
-                          nc_quad_sub(NC_NAME(nc_quad_load)(xr + j + 12), c4));
+            nc_lanes_grad(&acc, NC_TYPED(nc_quad_load)(gr + j), NC_TYPED(nc_quad_load)(gr + j + 4),
+                          NC_TYPED(nc_quad_load)(gr + j + 8), NC_TYPED(nc_quad_load)(gr + j + 12),
+                          nc_quad_sub(NC_TYPED(nc_quad_load)(xr + j), c4),
+                          nc_quad_sub(NC_TYPED(nc_quad_load)(xr + j + 4), c4),
+                          nc_quad_sub(NC_TYPED(nc_quad_load)(xr + j + 8), c4),
+                          nc_quad_sub(NC_TYPED(nc_quad_load)(xr + j + 12), c4));
         if (tail) {
             /* missing lanes: g = e = 0, which add +0 */
             const T *g = gr + L16, *e = xr + L16;
@@ -78,7 +80,7 @@ NC_INLINE void NC_NAME(nc_chblk_grad_sums)(const T *x, const T *dy, ptrdiff_t C,
     nc_lanes_fold(&acc, sum_dy, sum_dy_xc);
 }
 
-NC_MULTIVERSION static void NC_NAME(nc_channel_block_grad_sums)(const T *x, const T *dy, ptrdiff_t C,
+NC_ENTRY void NC_NAME(nc_channel_block_grad_sums)(const T *x, const T *dy, ptrdiff_t C,
                                                                ptrdiff_t L, ptrdiff_t c, ptrdiff_t n0,
                                                                ptrdiff_t n1, double center,
                                                                double *sum_dy, double *sum_dy_xc)
@@ -89,7 +91,7 @@ NC_MULTIVERSION static void NC_NAME(nc_channel_block_grad_sums)(const T *x, cons
  * in order), nc_channel_bwd_combine, then dx of its rows (dx may be dy itself). The same steps
  * as the separate passes (nc_channel_block_grad_sums, then nc_apply_rows_bwd_range): the same
  * bits. (OUT: dx of the channel's rows, *dweight, *dbias) */
-NC_MULTIVERSION static void NC_NAME(nc_channel_backward)(const T *x, const T *dy, T *dx, ptrdiff_t N,
+NC_ENTRY void NC_NAME(nc_channel_backward)(const T *x, const T *dy, T *dx, ptrdiff_t N,
                                                         ptrdiff_t C, ptrdiff_t L, ptrdiff_t c, double w,
                                                         double mean, double rstd, int batch_stats,
                                                         double *dweight, double *dbias)
@@ -114,7 +116,7 @@ NC_MULTIVERSION static void NC_NAME(nc_channel_backward)(const T *x, const T *dy
 
 /* dx = a * dy + (b * (x - center) + c) on rows r0 .. r1-1 of L (dy, x, dx point at row 0), the
  * coefficients of row r at [r % period]: row_ops.h's backward apply, one call for many rows. */
-NC_MULTIVERSION static void NC_NAME(nc_apply_rows_bwd_range)(const T *dy, const T *x, T *dx, ptrdiff_t r0,
+NC_ENTRY void NC_NAME(nc_apply_rows_bwd_range)(const T *dy, const T *x, T *dx, ptrdiff_t r0,
                                                             ptrdiff_t r1, ptrdiff_t L, ptrdiff_t period,
                                                             const double *center, const double *a,
                                                             const double *b, const double *c)
@@ -126,3 +128,10 @@ NC_MULTIVERSION static void NC_NAME(nc_apply_rows_bwd_range)(const T *dy, const 
             p = 0;
     }
 }
+
+#else /* NC_DISPATCH_PASS */
+NC_DISPATCH(nc_channel_block_moments)
+NC_DISPATCH(nc_channel_block_grad_sums)
+NC_DISPATCH(nc_channel_backward)
+NC_DISPATCH(nc_apply_rows_bwd_range)
+#endif

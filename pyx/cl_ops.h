@@ -18,116 +18,22 @@
 
 #include <stddef.h>
 
-#include "multiversion.h"
+#include "dispatch.h"
 
 #define NC_CL_CHUNK 256
 #define NC_CL_ROWS 4
 
-#define NC_DEFINE_CL_OPS(T, SFX)                                                               \
-                                                                                                \
-/* Column moments of rows [nrows][C] (row stride C); s, q: scratch of C doubles each. */        \
-NC_MULTIVERSION static void nc_cl_moments_##SFX(const T *x, ptrdiff_t nrows, ptrdiff_t C,      \
-                                                double *s, double *q, double *mean, double *m2) \
-{                                                                                               \
-    for (ptrdiff_t c = 0; c < C; c++) { s[c] = 0.0; q[c] = 0.0; }                               \
-    ptrdiff_t r = 0;                                                                            \
-    for (; r + NC_CL_ROWS <= nrows; r += NC_CL_ROWS) {                                          \
-        const T *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;                      \
-        for (ptrdiff_t c = 0; c < C; c++) {                                                     \
-            const double k = (double)x[c];                                                      \
-            const double d0 = (double)x0[c] - k, d1 = (double)x1[c] - k;                        \
-            const double d2 = (double)x2[c] - k, d3 = (double)x3[c] - k;                        \
-            s[c] += (d0 + d1) + (d2 + d3);                                                      \
-            q[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);                                  \
-        }                                                                                       \
-    }                                                                                           \
-    for (; r < nrows; r++) {                                                                    \
-        const T *xr = x + r * C;                                                                \
-        for (ptrdiff_t c = 0; c < C; c++) {                                                     \
-            const double d = (double)xr[c] - (double)x[c];                                      \
-            s[c] += d;                                                                          \
-            q[c] += d * d;                                                                      \
-        }                                                                                       \
-    }                                                                                           \
-    const double n = (double)nrows;                                                             \
-    for (ptrdiff_t c = 0; c < C; c++) {                                                         \
-        mean[c] = (double)x[c] + s[c] / n;                                                      \
-        const double m = q[c] - s[c] * (s[c] / n);                                              \
-        m2[c] = m < 0.0 ? 0.0 : m; /* clamps rounding below 0; NaN passes through */            \
-    }                                                                                           \
-}                                                                                               \
-                                                                                                \
-/* Column sums of dy and dy * (x - center[c]) over rows [nrows][C]. */                          \
-NC_MULTIVERSION static void nc_cl_grad_sums_##SFX(const T *x, const T *dy, ptrdiff_t nrows,     \
-                                                  ptrdiff_t C, const double *center,            \
-                                                  double *sum_dy, double *sum_dy_xc)            \
-{                                                                                               \
-    for (ptrdiff_t c = 0; c < C; c++) { sum_dy[c] = 0.0; sum_dy_xc[c] = 0.0; }                  \
-    ptrdiff_t r = 0;                                                                            \
-    for (; r + NC_CL_ROWS <= nrows; r += NC_CL_ROWS) {                                          \
-        const T *x0 = x + r * C, *x1 = x0 + C, *x2 = x1 + C, *x3 = x2 + C;                      \
-        const T *g0 = dy + r * C, *g1 = g0 + C, *g2 = g1 + C, *g3 = g2 + C;                     \
-        for (ptrdiff_t c = 0; c < C; c++) {                                                     \
-            const double m = center[c];                                                         \
-            const double a0 = (double)g0[c], a1 = (double)g1[c];                                \
-            const double a2 = (double)g2[c], a3 = (double)g3[c];                                \
-            sum_dy[c] += (a0 + a1) + (a2 + a3);                                                 \
-            sum_dy_xc[c] += (a0 * ((double)x0[c] - m) + a1 * ((double)x1[c] - m))               \
-                          + (a2 * ((double)x2[c] - m) + a3 * ((double)x3[c] - m));              \
-        }                                                                                       \
-    }                                                                                           \
-    for (; r < nrows; r++) {                                                                    \
-        const T *xr = x + r * C, *gr = dy + r * C;                                              \
-        for (ptrdiff_t c = 0; c < C; c++) {                                                     \
-            const double a = (double)gr[c];                                                     \
-            sum_dy[c] += a;                                                                     \
-            sum_dy_xc[c] += a * ((double)xr[c] - center[c]);                                    \
-        }                                                                                       \
-    }                                                                                           \
-}                                                                                               \
-                                                                                                \
-/* y = ((x - hi[c]) - lo[c]) * s[c] + b[c] over rows [nrows][C] (coefficients in T). */         \
-NC_MULTIVERSION static void nc_cl_apply_##SFX(const T *x, T *y, ptrdiff_t nrows, ptrdiff_t C,  \
-                                              const T *hi, const T *lo, const T *s,            \
-                                              const T *b)                                       \
-{                                                                                               \
-    for (ptrdiff_t r = 0; r < nrows; r++) {                                                     \
-        const T *xr = x + r * C;                                                                \
-        T *yr = y + r * C;                                                                      \
-        for (ptrdiff_t c = 0; c < C; c++)                                                       \
-            yr[c] = ((xr[c] - hi[c]) - lo[c]) * s[c] + b[c];                                    \
-    }                                                                                           \
-}                                                                                               \
-                                                                                                \
-/* dx = a[c] * dy + (b[c] * (x - center[c]) + k[c]) over rows [nrows][C], in double. With b and \
- * k all 0 (constant statistics: eval) dx = a[c] * dy exactly, reading no x: an infinite dy     \
- * stays infinite (0 * inf would make it NaN) and a NaN in x cannot reach dx. */                \
-NC_MULTIVERSION static void nc_cl_apply_bwd_##SFX(const T *dy, const T *x, T *dx, ptrdiff_t nrows, \
-                                                  ptrdiff_t C, const double *center,            \
-                                                  const double *a, const double *b,             \
-                                                  const double *k)                              \
-{                                                                                               \
-    int scale_only = 1;                                                                         \
-    for (ptrdiff_t c = 0; c < C; c++)                                                           \
-        scale_only &= b[c] == 0.0 && k[c] == 0.0;                                               \
-    if (scale_only) {                                                                           \
-        for (ptrdiff_t r = 0; r < nrows; r++) {                                                 \
-            const T *gr = dy + r * C;                                                           \
-            T *dxr = dx + r * C;                                                                \
-            for (ptrdiff_t c = 0; c < C; c++)                                                   \
-                dxr[c] = (T)(a[c] * (double)gr[c]);                                             \
-        }                                                                                       \
-        return;                                                                                 \
-    }                                                                                           \
-    for (ptrdiff_t r = 0; r < nrows; r++) {                                                     \
-        const T *xr = x + r * C, *gr = dy + r * C;                                              \
-        T *dxr = dx + r * C;                                                                    \
-        for (ptrdiff_t c = 0; c < C; c++)                                                       \
-            dxr[c] = (T)(a[c] * (double)gr[c] + (b[c] * ((double)xr[c] - center[c]) + k[c]));   \
-    }                                                                                           \
-}
-
-NC_DEFINE_CL_OPS(float, f32)
-NC_DEFINE_CL_OPS(double, f64)
+#define NC_TEMPLATE "cl_ops_impl.h"
+#define T float
+#define NC_SFX f32
+#include "for_each_isa.h"
+#undef T
+#undef NC_SFX
+#define T double
+#define NC_SFX f64
+#include "for_each_isa.h"
+#undef T
+#undef NC_SFX
+#undef NC_TEMPLATE
 
 #endif

@@ -419,25 +419,63 @@ for name, m, a, g in [("bn", nc.BatchNorm2d(8), x, dy), ("in", nc.InstanceNorm2d
     out[name + "_y"] = m.forward(a)
     out[name + "_dx"] = m.backward(g)
     out[name + "_dw"] = m.grads["weight"]
+xc = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)  # channels-last
+for name, m in [("bn_cl", nc.BatchNorm2d(8)), ("gn_cl", nc.GroupNorm(4, 8))]:
+    out[name + "_y"] = m.forward(xc)
+    out[name + "_dx"] = m.backward(np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2))
+for dtype in (np.float32, np.float64):
+    m = nc.LocalResponseNorm(5)
+    out[f"lrn_{dtype.__name__}_y"] = m.forward(x.astype(dtype))
+    out[f"lrn_{dtype.__name__}_dx"] = m.backward(dy.astype(dtype))
+m = nc.LocalResponseNorm(3, beta=0.6)
+out["lrn_pow_y"] = m.forward(x)
+out["lrn_pow_dx"] = m.backward(dy)
+m = nc.BatchNorm2d(8).eval()
+out["bn_eval_y"] = m.forward(x)
+out["bn_eval_dx"] = m.backward(dy)
+from normcore._kernels import openmp_info
+out["isa"] = np.array(openmp_info.instruction_set())
 np.savez(sys.argv[1], **out)
 """
 
 
-def test_same_bits_with_and_without_avx2(tmp_path):
-    """The block sums have an AVX2 version picked at run time and a baseline one
-    (NORMCORE_DISABLE_AVX2=1); with 16 fixed lanes and no FMA both give the same bits."""
+def test_same_bits_on_every_instruction_set(tmp_path):
+    """Every kernel entry point is compiled for the baseline, AVX2 and AVX-512F and bound to one
+    of them when the module loads (pyx/dispatch.h); NORMCORE_ISA caps the choice, so each
+    variant this CPU can run is run here, the baseline included. With 16 fixed lanes and no
+    FMA they give the same bits."""
     import os
     import subprocess
     import sys
 
+    from normcore._kernels import openmp_info
+
+    levels = openmp_info.instruction_sets()
+    assert levels[0] == "baseline"
     script = tmp_path / "isa.py"
     script.write_text(_ISA_SCRIPT)
-    results = []
-    for disable in ("0", "1"):
-        path = tmp_path / f"out{disable}.npz"
-        env = dict(os.environ, NORMCORE_DISABLE_AVX2=disable, OMP_NUM_THREADS="2")
+    results = {}
+    for level in levels:
+        path = tmp_path / f"out_{level}.npz"
+        env = dict(os.environ, NORMCORE_ISA=level, OMP_NUM_THREADS="2")
         subprocess.run([sys.executable, str(script), str(path)], check=True, env=env, timeout=120)
-        results.append(np.load(path))
-    assert sorted(results[0].files) == sorted(results[1].files)
-    for key in results[0].files:
-        assert np.array_equal(results[0][key], results[1][key]), key
+        results[level] = np.load(path)
+        assert str(results[level]["isa"]) == level  # the variant asked for is the one that ran
+    first = results["baseline"]
+    for level in levels[1:]:
+        assert sorted(first.files) == sorted(results[level].files)
+        for key in first.files:
+            if key != "isa":
+                assert np.array_equal(first[key], results[level][key]), (level, key)
+
+
+def test_an_unknown_instruction_set_name_is_reported():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NORMCORE_ISA="sse9")
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", "import normcore"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode != 0
+    assert "NORMCORE_ISA" in out.stderr and "'sse9'" in out.stderr and "avx2" in out.stderr
