@@ -14,7 +14,7 @@ and a larger OpenMP default (``OMP_NUM_THREADS=100000``) is clamped to it with a
 
 The instruction set the kernels run (``instruction_set()``) is chosen once, when they load: the
 best the CPU has, capped by the environment variable ``NORMCORE_ISA`` (``baseline``, ``avx2``
-or ``avx512f``). It changes the speed, never a bit of a result.
+or ``avx512``). It changes the speed, never a bit of a result.
 """
 import numbers
 import os
@@ -118,7 +118,7 @@ def openmp_enabled():
 
 def instruction_set():
     """The instruction set of the kernels' variant that runs: ``"baseline"``, ``"avx2"`` or
-    ``"avx512f"`` (the best the CPU has, capped by ``NORMCORE_ISA``; every variant gives the
+    ``"avx512"`` (the best the CPU has, capped by ``NORMCORE_ISA``; every variant gives the
     same bits).
 
     Returns
@@ -128,7 +128,7 @@ def instruction_set():
     Examples
     --------
     >>> import normcore as nc
-    >>> nc.instruction_set() in ("baseline", "avx2", "avx512f")
+    >>> nc.instruction_set() in ("baseline", "avx2", "avx512")
     True
     """
     return openmp_info.instruction_set()

@@ -2,13 +2,14 @@
  *
  * Every kernel template (row_ops_impl.h, channel_ops_impl.h, cl_ops_impl.h, lrn_chunk_impl.h)
  * is plain C, compiled once per instruction set by for_each_isa.h: the baseline of the target,
- * AVX2 and AVX-512F (x86-64 Linux with GCC; elsewhere the baseline only). A template names its
+ * AVX2 and AVX-512 (F, VL, BW and DQ: with VL the 256-bit code has 32 registers, which the
+ * 16-lane sums need; x86-64 Linux with GCC; elsewhere the baseline only). A template names its
  * functions NC_NAME(f), which gives f the element type's suffix and the instruction set's
  * (nc_apply_rows_f32_avx2), and ends with a list of its entry points, NC_DISPATCH(f) each: the
  * name the callers use (nc_apply_rows_f32) then resolves to one variant when the module is
  * loaded (an ifunc), by the CPU and by NORMCORE_ISA.
  *
- * NORMCORE_ISA=baseline|avx2|avx512f caps the variant (the tests run every variant this way);
+ * NORMCORE_ISA=baseline|avx2|avx512 caps the variant (the tests run every variant this way);
  * a cap above what the CPU has, or an unknown word, leaves the best the CPU has
  * (normcore._kernels.openmp_info.instruction_set() says which one runs; the Python package warns
  * about an unknown word). Every variant gives the same bits: the arithmetic is element-wise
@@ -27,16 +28,17 @@
 #define NC_MULTI_ISA 0
 #endif
 
-enum { NC_ISA_BASELINE = 0, NC_ISA_AVX2 = 1, NC_ISA_AVX512F = 2 };
+enum { NC_ISA_BASELINE = 0, NC_ISA_AVX2 = 1, NC_ISA_AVX512 = 2 };
 
 /* The best variant this CPU can run. */
 static inline int nc_isa_cpu_best(void)
 {
 #if NC_MULTI_ISA
     __builtin_cpu_init(); /* resolvers run before the constructors that would do it */
-    return __builtin_cpu_supports("avx512f") ? NC_ISA_AVX512F
-         : __builtin_cpu_supports("avx2")    ? NC_ISA_AVX2
-                                             : NC_ISA_BASELINE;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+        return NC_ISA_AVX512;
+    return __builtin_cpu_supports("avx2") ? NC_ISA_AVX2 : NC_ISA_BASELINE;
 #else
     return NC_ISA_BASELINE;
 #endif
@@ -50,7 +52,7 @@ static inline int nc_isa_level(void)
     if (cap && cap[0]) {
         const int want = strcmp(cap, "baseline") == 0 ? NC_ISA_BASELINE
                        : strcmp(cap, "avx2") == 0     ? NC_ISA_AVX2
-                       : strcmp(cap, "avx512f") == 0  ? NC_ISA_AVX512F
+                       : strcmp(cap, "avx512") == 0   ? NC_ISA_AVX512
                                                       : level;
         if (want < level)
             level = want;
@@ -78,7 +80,7 @@ static inline int nc_isa_level(void)
     static __typeof__(NC_VARIANT(f, base)) *NC_VARIANT(f, resolve)(void)                     \
     {                                                                                        \
         switch (nc_isa_level()) {                                                            \
-        case NC_ISA_AVX512F: return NC_VARIANT(f, avx512f);                                  \
+        case NC_ISA_AVX512: return NC_VARIANT(f, avx512);                                  \
         case NC_ISA_AVX2: return NC_VARIANT(f, avx2);                                        \
         default: return NC_VARIANT(f, base);                                                 \
         }                                                                                    \

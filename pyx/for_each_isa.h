@@ -16,8 +16,8 @@
 #pragma GCC pop_options
 
 #pragma GCC push_options
-#pragma GCC target("avx512f")
-#define NC_ISA avx512f
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq")
+#define NC_ISA avx512
 #include NC_TEMPLATE
 #undef NC_ISA
 #pragma GCC pop_options

@@ -6,7 +6,7 @@ cdef extern from "dispatch.h" nogil:
     int nc_isa_level()
     int nc_isa_cpu_best()
 
-ISA_NAMES = ("baseline", "avx2", "avx512f")
+ISA_NAMES = ("baseline", "avx2", "avx512")
 
 
 def openmp_enabled():
@@ -21,7 +21,7 @@ def max_threads():
 
 
 def instruction_set():
-    """The instruction set the kernels' entry points run: "baseline", "avx2" or "avx512f",
+    """The instruction set the kernels' entry points run: "baseline", "avx2" or "avx512",
     the best the CPU has, capped by NORMCORE_ISA (dispatch.h); every one gives the same bits."""
     return ISA_NAMES[nc_isa_level()]
 

@@ -36,10 +36,12 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define NC_INLINE static inline __attribute__((always_inline))
+#define NC_NOINLINE static __attribute__((noinline))
 #define NC_VECTOR_EXT 1
 #pragma GCC diagnostic ignored "-Wpsabi" /* a quad never crosses a call: always inlined */
 #else
 #define NC_INLINE static inline
+#define NC_NOINLINE static
 #define NC_VECTOR_EXT 0
 #endif
 

@@ -6,17 +6,28 @@
 /* ---- Block sums: 16 lanes as four quads (row_ops.h), element i of each step of 16 in lane
  * i % 16, the tail (n % 16 values) in lanes 0 .. in order, folded in a fixed tree. ---------- */
 
-/* Moments of n16 values (a multiple of 16), the lanes continuing from *st. */
-NC_INLINE void NC_NAME(nc_blk_moments_part)(const T *x, ptrdiff_t n16, nc_mom_state *st)
+/* Moments of n16 values (a multiple of 16), the lanes continuing from *st. Not inlined, and the
+ * lanes taken into eight local quads: inside the large pipelined kernels the register allocator
+ * kept two of the accumulators in memory (the AVX-512 variant did), and a sum through memory is
+ * bound by store forwarding, a third slower there. */
+NC_NOINLINE void NC_NAME(nc_blk_moments_part)(const T *x, ptrdiff_t n16, nc_mom_state *st)
 {
     const nc_quad k4 = nc_quad_set1(st->k);
-    nc_lanes acc = st->acc; /* a local copy stays in registers */
-    for (ptrdiff_t i = 0; i < n16; i += NC_LANES)
-        nc_lanes_moments(&acc, nc_quad_sub(NC_TYPED(nc_quad_load)(x + i), k4),
-                         nc_quad_sub(NC_TYPED(nc_quad_load)(x + i + 4), k4),
-                         nc_quad_sub(NC_TYPED(nc_quad_load)(x + i + 8), k4),
-                         nc_quad_sub(NC_TYPED(nc_quad_load)(x + i + 12), k4));
-    st->acc = acc;
+    nc_lanes *L = &st->acc;
+    nc_quad a0 = L->a0, a1 = L->a1, a2 = L->a2, a3 = L->a3;
+    nc_quad b0 = L->b0, b1 = L->b1, b2 = L->b2, b3 = L->b3;
+    for (ptrdiff_t i = 0; i < n16; i += NC_LANES) {
+        const nc_quad d0 = nc_quad_sub(NC_TYPED(nc_quad_load)(x + i), k4);
+        const nc_quad d1 = nc_quad_sub(NC_TYPED(nc_quad_load)(x + i + 4), k4);
+        const nc_quad d2 = nc_quad_sub(NC_TYPED(nc_quad_load)(x + i + 8), k4);
+        const nc_quad d3 = nc_quad_sub(NC_TYPED(nc_quad_load)(x + i + 12), k4);
+        a0 = nc_quad_add(a0, d0); a1 = nc_quad_add(a1, d1);
+        a2 = nc_quad_add(a2, d2); a3 = nc_quad_add(a3, d3);
+        b0 = nc_quad_add(b0, nc_quad_mul(d0, d0)); b1 = nc_quad_add(b1, nc_quad_mul(d1, d1));
+        b2 = nc_quad_add(b2, nc_quad_mul(d2, d2)); b3 = nc_quad_add(b3, nc_quad_mul(d3, d3));
+    }
+    L->a0 = a0; L->a1 = a1; L->a2 = a2; L->a3 = a3;
+    L->b0 = b0; L->b1 = b1; L->b2 = b2; L->b3 = b3;
 }
 
 /* The block's last ntail < 16 values (x points at them) and the result, for a block of n. */

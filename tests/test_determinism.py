@@ -440,7 +440,7 @@ np.savez(sys.argv[1], **out)
 
 
 def test_same_bits_on_every_instruction_set(tmp_path):
-    """Every kernel entry point is compiled for the baseline, AVX2 and AVX-512F and bound to one
+    """Every kernel entry point is compiled for the baseline, AVX2 and AVX-512 and bound to one
     of them when the module loads (pyx/dispatch.h); NORMCORE_ISA caps the choice, so each
     variant this CPU can run is run here, the baseline included. With 16 fixed lanes and no
     FMA they give the same bits."""
