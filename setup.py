@@ -9,6 +9,7 @@ NORMCORE_SANITIZE=LIST     compile and link with -fsanitize=LIST (e.g. "address,
                            -O1 -g and no recovery: what scripts/sanitize.sh builds with.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,6 +133,34 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+_LOCAL_REFERENCES = re.compile(
+    r'^\s*include\s+"(?P<pxi>[^"]+)"'              # Cython include
+    r'|^\s*from\s+(?P<from>\w+)\s+cimport'          # from X cimport ...
+    r'|^\s*cimport\s+(?P<cimport>\w+)'              # cimport X
+    r'|cdef\s+extern\s+from\s+"(?P<extern>[^"]+)"'   # a C header
+    r'|^\s*#\s*include\s+"(?P<header>[^"]+)"'        # a C header's own includes
+    r'|^\s*#\s*define\s+NC_TEMPLATE\s+"(?P<template>[^"]+)"',  # a template for_each_isa.h includes
+    re.M,
+)
+
+
+def _depends(source):
+    """The files of pyx/ that `source` reads, directly or through others: a module is rebuilt
+    when one of them changes, and only then."""
+    found, todo = set(), [source]
+    while todo:
+        path = todo.pop()
+        for m in _LOCAL_REFERENCES.finditer(path.read_text()):
+            name = next(v for v in m.groupdict().values() if v)
+            if m.group("from") or m.group("cimport"):
+                name += ".pxd"
+            dep = PYX / name
+            if dep.is_file() and dep not in found:
+                found.add(dep)
+                todo.append(dep)
+    return sorted(os.path.relpath(p, HERE) for p in found)
+
+
 def _extensions():
     import numpy
     from Cython.Build import cythonize
@@ -143,7 +172,7 @@ def _extensions():
             [os.path.relpath(src, HERE)],
             # numpy's headers: the engine reads arrays through the NumPy C API (cimport numpy)
             include_dirs=[os.path.relpath(PYX, HERE), numpy.get_include()],
-            depends=[os.path.relpath(p, HERE) for pattern in ("*.h", "*.pxd", "*.pxi") for p in sorted(PYX.glob(pattern))],
+            depends=_depends(src),
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         )
         for src in sources
@@ -151,6 +180,7 @@ def _extensions():
     return cythonize(
         extensions,
         include_path=[str(PYX)],
+        nthreads=os.cpu_count() or 1,  # the modules translate side by side, as they compile
         compiler_directives={
             "language_level": 3,
             "boundscheck": False,
