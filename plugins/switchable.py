@@ -32,9 +32,17 @@ from normcore import toolkit
 __all__ = ["SwitchableNorm1d", "SwitchableNorm2d", "SwitchableNorm3d"]
 
 
-def _softmax(w):
-    e = np.exp(w - np.max(w))
-    return e / e.sum()
+def _softmax_rows(logits):
+    """The softmax of each row of a 2-D float64 array (both mixing weights in one call: on
+    arrays of two or three values the calls cost more than the arithmetic)."""
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _group_mean(a, axis):
+    """a.mean(axis, keepdims=True) with the same bits (the sum, then one division), without
+    numpy's Python-level wrapper, which costs more than the sum on (N, C) arrays."""
+    return np.add.reduce(a, axis=axis, keepdims=True) / a.shape[axis]
 
 
 def _softmax_backward(p, grad_p):
@@ -119,11 +127,14 @@ class _SwitchableNorm(nc.Module):
         return self.running_mean.astype(np.float64)[None, :], self.running_var.astype(np.float64)[None, :]
 
     def _mix(self, means, variances, shape):
-        """Softmax weights, the mixed mean, 1/sqrt(mixed var + eps) (both of `shape`), gamma."""
-        mw = _softmax(self.mean_weight.astype(np.float64))
-        vw = _softmax(self.var_weight.astype(np.float64))
-        mean = np.broadcast_to(sum(w * m for w, m in zip(mw, means)), shape)
-        var = np.broadcast_to(sum(w * v for w, v in zip(vw, variances)), shape)
+        """Softmax weights, the mixed mean and 1/sqrt(mixed var + eps) (both of `shape`), gamma."""
+        mw, vw = _softmax_rows(np.array([self.mean_weight, self.var_weight], dtype=np.float64))
+        mean, var = mw[0] * means[0], vw[0] * variances[0]
+        for k in range(1, len(means)):
+            mean = mean + mw[k] * means[k]
+            var = var + vw[k] * variances[k]
+        if mean.shape != shape:  # no source per row (SwitchableNorm1d without BN): (N, 1)
+            mean, var = np.broadcast_to(mean, shape), np.broadcast_to(var, shape)
         return mw, vw, mean, 1.0 / np.sqrt(var + self.eps), self.weight.astype(np.float64)
 
     def _commit_running(self, new_running):
@@ -142,8 +153,9 @@ class _SwitchableNorm(nc.Module):
     @staticmethod
     def _mixing_grads(grads, s, d_mean, d_var):
         """Gradients of mean_weight and var_weight through the softmax, into grads."""
-        grads["mean_weight"] = _softmax_backward(s["mw"], np.array([np.sum(d_mean * m) for m in s["means"]]))
-        grads["var_weight"] = _softmax_backward(s["vw"], np.array([np.sum(d_var * v) for v in s["variances"]]))
+        total = np.add.reduce  # over every element: ndarray.sum without its Python wrapper
+        grads["mean_weight"] = _softmax_backward(s["mw"], np.array([total(d_mean * m, None) for m in s["means"]]))
+        grads["var_weight"] = _softmax_backward(s["vw"], np.array([total(d_var * v, None) for v in s["variances"]]))
 
     def _var(self, m2, count):
         if self.population_variance:
@@ -171,8 +183,8 @@ class _SwitchableNorm(nc.Module):
             raise ValueError(f"Expected at least one sample when training, got input size {x.shape}")
         mean_in, m2 = toolkit.row_moments(x)
         var_in = self._var(m2, L)
-        mean_ln = mean_in.mean(axis=1, keepdims=True)
-        var_ln = var_in.mean(axis=1, keepdims=True) + ((mean_in - mean_ln) ** 2).mean(axis=1, keepdims=True)
+        mean_ln = _group_mean(mean_in, 1)
+        var_ln = _group_mean(var_in, 1) + _group_mean((mean_in - mean_ln) ** 2, 1)
         means = [mean_in, mean_ln]
         variances = [var_in, var_ln]
         bn_from_batch = False
@@ -180,8 +192,8 @@ class _SwitchableNorm(nc.Module):
         if self.using_bn:
             if self.training:
                 bn_from_batch = True
-                mean_bn = mean_in.mean(axis=0, keepdims=True)
-                var_bn = var_in.mean(axis=0, keepdims=True) + ((mean_in - mean_bn) ** 2).mean(axis=0, keepdims=True)
+                mean_bn = _group_mean(mean_in, 0)
+                var_bn = _group_mean(var_in, 0) + _group_mean((mean_in - mean_bn) ** 2, 0)
                 new_running = self._updated_running(mean_bn[0], var_bn[0])
             else:
                 mean_bn, var_bn = self._running_stats()
@@ -204,19 +216,19 @@ class _SwitchableNorm(nc.Module):
         s2 = s2c + (mean_in - mean) * s1                     # sum dy * (x - mean)
         d_mean = -gamma * rstd * s1                           # dL/dmean, per row
         d_var = -0.5 * gamma * rstd ** 3 * s2                 # dL/dvar, per row
-        grads = {"weight": (rstd * s2).sum(axis=0), "bias": s1.sum(axis=0)}
+        grads = {"weight": np.add.reduce(rstd * s2, 0), "bias": np.add.reduce(s1, 0)}
         mw, vw = s["mw"], s["vw"]
         self._mixing_grads(grads, s, d_mean, d_var)
         # Through the statistics to the per-row moments (mean_in, var_in).
         mean_ln = s["means"][1]
-        d_mean_ln = mw[1] * d_mean.sum(axis=1, keepdims=True)
-        d_var_ln = vw[1] * d_var.sum(axis=1, keepdims=True)
+        d_mean_ln = mw[1] * np.add.reduce(d_mean, 1, keepdims=True)
+        d_var_ln = vw[1] * np.add.reduce(d_var, 1, keepdims=True)
         d_mean_in = mw[0] * d_mean + d_mean_ln / C + d_var_ln * 2.0 * (mean_in - mean_ln) / C
         d_var_in = vw[0] * d_var + d_var_ln / C
         if s["bn_from_batch"]:
             mean_bn = s["means"][2]
-            d_mean_bn = mw[2] * d_mean.sum(axis=0, keepdims=True)
-            d_var_bn = vw[2] * d_var.sum(axis=0, keepdims=True)
+            d_mean_bn = mw[2] * np.add.reduce(d_mean, 0, keepdims=True)
+            d_var_bn = vw[2] * np.add.reduce(d_var, 0, keepdims=True)
             d_mean_in = d_mean_in + d_mean_bn / N + d_var_bn * 2.0 * (mean_in - mean_bn) / N
             d_var_in = d_var_in + d_var_bn / N
         count = L if self.population_variance else L - 1
