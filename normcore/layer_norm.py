@@ -3,7 +3,7 @@
 x is viewed as rows [R, L] with L = prod(normalized_shape). Forward: one fused pass per row
 (moments, then the per-column affine while the row is in cache). Backward: one fused pass per
 row (sums of weight * dy and weight * dy * (x - mean), dx, and the column sums that give the
-weight and bias gradients). Both in pyx/layer_rows.pyx.
+weight and bias gradients). Both in pyx/layer_rows.pxi, run by the engine.
 """
 import math
 import numbers
@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from normcore import docstrings
-from normcore._kernels.layer_rows import layer_backward, layer_forward
+from normcore._kernels.engine import rows_backward, rows_forward
 from normcore.module import Module
 from normcore.registry import register_norm
 from normcore.threads import get_num_threads
@@ -81,13 +81,10 @@ def layer_norm_forward(x, shape, weight, bias, eps):
     if x.size == 0:
         return np.empty_like(x), LayerSaved(None, x.shape, x.dtype, None, None, None)
     x2 = np.ascontiguousarray(x).reshape(R, L)
-    y2 = np.empty_like(x2)
-    mean = np.empty(R)
-    rstd = np.empty(R)
     w = _row_weight(weight, bias is not None, L, x.dtype)
     b = None if bias is None else np.ascontiguousarray(bias, dtype=x.dtype).reshape(L)
-    layer_forward(x2, y2, w, b, eps, mean, rstd, get_num_threads())
-    return y2.reshape(x.shape), LayerSaved(x2, x.shape, x.dtype, mean, rstd, w)
+    y2, stats = rows_forward(x2, w, b, eps, get_num_threads())
+    return y2.reshape(x.shape), LayerSaved(x2, x.shape, x.dtype, stats[0], stats[1], w)
 
 
 def _row_weight(weight, has_bias, L, dtype):
@@ -112,13 +109,9 @@ def layer_norm_backward(dy, saved):
     if saved.x2 is None:
         return np.zeros(saved.shape, dy.dtype), None, None
     x2 = saved.x2
-    R, L = x2.shape
-    dy2 = np.ascontiguousarray(dy).reshape(R, L)
-    dx2 = np.empty_like(x2)
-    dweight = np.empty(L)
-    dbias = np.empty(L)
-    layer_backward(x2, dy2, dx2, saved.weight, saved.mean, saved.rstd, dweight, dbias, get_num_threads())
-    return dx2.reshape(saved.shape), dweight, dbias
+    dy2 = np.ascontiguousarray(dy, dtype=x2.dtype).reshape(x2.shape)
+    dx2, grads = rows_backward(x2, dy2, saved.mean, saved.rstd, saved.weight, get_num_threads())
+    return dx2.reshape(saved.shape), grads[0], grads[1]
 
 
 _LAYER_NORM_DOC = """Layer Normalization over the trailing dims of the input, as ``torch.nn.LayerNorm``.

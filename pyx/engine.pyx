@@ -1,5 +1,5 @@
 """The engine: one compiled call per forward and per backward of BatchNorm, InstanceNorm and
-GroupNorm on NCHW rows.
+GroupNorm on NCHW rows, and of LayerNorm's rows.
 
 A Plan describes a grouping once: x of shape (N, C, *) as rows [N*C, L] (row r = (n, c), L
 contiguous values), grouped as [outer, k, inner] and merged over k (normcore.grouped.Grouping):
@@ -12,8 +12,10 @@ apply, each in compiled code from the Python call to the result: the arrays are 
 their data pointers (the caller has checked dtype, layout and shapes: this is the kernels'
 contract, and normcore's public functions are where it is enforced), the per-group statistics
 come back in one float64 array, and no thread team starts below the kernels' size threshold.
-The loops themselves are in channels.pxi and groups.pxi, included here (their cdef *_run
-functions; their def functions are the same kernels with checked arguments, for the tests).
+The loops themselves are in channels.pxi, groups.pxi and layer_rows.pxi, included here (their
+cdef *_run functions; their def functions are the same kernels with checked arguments, for the
+tests). LayerNorm's rows are statistics per row with a per-column affine: rows_forward and
+rows_backward, with the same contract as a Plan's methods.
 
 Channels-last memory is not a Plan's yet: normcore.grouped runs it with the channels_last
 kernels and a NumPy combine.
@@ -28,6 +30,8 @@ cnp.import_array()
 # GroupNorm): their cdef *_run functions, and the checked def entry points the tests call.
 include "channels.pxi"
 include "groups.pxi"
+# LayerNorm's rows (per-column affine): rows_forward / rows_backward below call them.
+include "layer_rows.pxi"
 
 cdef inline bint is_float32(cnp.ndarray a) noexcept:
     return cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
@@ -223,3 +227,59 @@ def running_values(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarra
         out[c] = keep * element(running_mean, c) + factor * mean[c]
         out[C + c] = keep * element(running_var, c) + factor * (m2[c] / (count - 1.0))
     return new
+
+
+def rows_forward(cnp.ndarray x, object weight, object bias, double eps, int n_threads):
+    """(y, stats) of LayerNorm's rows: x [R, L] C-contiguous float32 or float64, R, L >= 1;
+    weight and bias None or C-contiguous [L] of x's dtype (a bias needs a weight). stats:
+    float64 (2, R), the row means then rstd = 1 / sqrt(var + eps)."""
+    cdef Py_ssize_t R = cnp.PyArray_DIM(x, 0), L = cnp.PyArray_DIM(x, 1)
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+    cdef cnp.ndarray stats = float64_matrix(2, R)
+    cdef double* mean = f64(stats)
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef void* yp = cnp.PyArray_DATA(y)
+    cdef void* w = NULL
+    cdef void* b = NULL
+    if weight is not None:
+        w = cnp.PyArray_DATA(<cnp.ndarray>weight)
+    if bias is not None:
+        b = cnp.PyArray_DATA(<cnp.ndarray>bias)
+    if is_float32(x):
+        with nogil:
+            layer_forward_run(<const float*>xp, <float*>yp, R, L, <const float*>w, <const float*>b, eps, mean,
+                              mean + R, n_threads)
+    else:
+        with nogil:
+            layer_forward_run(<const double*>xp, <double*>yp, R, L, <const double*>w, <const double*>b, eps, mean,
+                              mean + R, n_threads)
+    return y, stats
+
+
+def rows_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean_, cnp.ndarray rstd_, object weight,
+                  int n_threads):
+    """(dx, grads) for the rows_forward of x (C-contiguous [R, L], R, L >= 1) whose row means and
+    rstd (float64 [R], C-contiguous) are mean_ and rstd_, with the weight it used (None or
+    [L] of x's dtype); dy C-contiguous like x. grads: float64 (2, L), the column sums
+    sum_r dy * (x - mean_r) * rstd_r (dweight) then sum_r dy (dbias)."""
+    cdef Py_ssize_t R = cnp.PyArray_DIM(x, 0), L = cnp.PyArray_DIM(x, 1)
+    cdef cnp.ndarray dx = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+    cdef cnp.ndarray grads = float64_matrix(2, L)
+    cdef double* dw = f64(grads)
+    cdef void* w = NULL
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef void* dyp = cnp.PyArray_DATA(dy)
+    cdef void* dxp = cnp.PyArray_DATA(dx)
+    cdef const double* mean = f64(mean_)
+    cdef const double* rstd = f64(rstd_)
+    if weight is not None:
+        w = cnp.PyArray_DATA(<cnp.ndarray>weight)
+    if is_float32(x):
+        with nogil:
+            layer_backward_run(<const float*>xp, <const float*>dyp, <float*>dxp, R, L, <const float*>w, mean, rstd,
+                               dw, dw + L, n_threads)
+    else:
+        with nogil:
+            layer_backward_run(<const double*>xp, <const double*>dyp, <double*>dxp, R, L, <const double*>w, mean,
+                               rstd, dw, dw + L, n_threads)
+    return dx, grads

@@ -23,7 +23,7 @@ from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
 from normcore._kernels.engine import channel_forward
 from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
 from normcore._kernels.engine import group_backward, group_forward
-from normcore._kernels.layer_rows import layer_backward, layer_forward
+from normcore._kernels.engine import layer_backward, layer_forward
 from normcore._kernels.moments import row_moments
 
 PARALLEL_MIN = 65536

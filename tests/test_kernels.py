@@ -32,7 +32,7 @@ from normcore._kernels.combine import merge_moments, sum_groups
 from normcore._kernels.engine import (FUSED_MIN_CHANNELS, SHORT_ROW, Plan, channel_backward, channel_forward,
                                       group_backward, group_forward, running_values)
 from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
-from normcore._kernels.layer_rows import layer_backward, layer_forward
+from normcore._kernels.engine import layer_backward, layer_forward
 from normcore._kernels.moments import row_moments
 
 BLOCK = 4096

@@ -364,7 +364,7 @@ def stat_rows(kind, shape):
 def layer_norm_column_partials(shape):
     """LayerNorm's backward keeps partial column sums of dweight and dbias per chunk of rows:
     2 float64 per column and chunk, chunks of at least 64 rows, at most 64 of them
-    (pyx/layer_rows.pyx); one chunk writes dweight and dbias directly."""
+    (pyx/layer_rows.pxi); one chunk writes dweight and dbias directly."""
     R, L = math.prod(shape[:-1]), shape[-1]
     return 16 * L * min(64, R // 64) if R > 64 else 0
 
