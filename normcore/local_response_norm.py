@@ -1,11 +1,11 @@
 """LocalResponseNorm: each value divided by a power of the sum of squares of its neighbours
-across channels (a sliding window; see pyx/lrn.pyx for the one-pass kernel)."""
+across channels (a sliding window; see pyx/lrn.pxi for the one-pass kernel)."""
 from typing import NamedTuple
 
 import numpy as np
 
 from normcore import docstrings
-from normcore._kernels.lrn import lrn_backward, lrn_forward
+from normcore._kernels.engine import window_backward, window_forward
 from normcore.module import Module
 from normcore.registry import register_norm
 from normcore.threads import get_num_threads
@@ -51,9 +51,8 @@ def local_response_norm_forward(x, size, alpha, beta, k):
     if x.size == 0:
         return np.empty_like(x), LRNSaved(None, x.shape, x.dtype)
     saved = lrn_resume(x)
-    y3 = np.empty_like(saved.x3)
     window, alpha = kernel_window(size, alpha, C)
-    lrn_forward(saved.x3, y3, window, alpha, beta, k, get_num_threads())
+    y3 = window_forward(saved.x3, window, alpha, beta, k, get_num_threads())
     return y3.reshape(x.shape), saved
 
 
@@ -66,10 +65,9 @@ def lrn_resume(x):
 def local_response_norm_backward(dy, saved, size, alpha, beta, k):
     if saved.x3 is None:
         return np.zeros(saved.shape, saved.dtype)
-    dy3 = np.ascontiguousarray(dy).reshape(saved.x3.shape)
-    dx3 = np.empty_like(saved.x3)
+    dy3 = np.ascontiguousarray(dy, dtype=saved.x3.dtype).reshape(saved.x3.shape)
     window, alpha = kernel_window(size, alpha, saved.x3.shape[1])
-    lrn_backward(dy3, saved.x3, dx3, window, alpha, beta, k, get_num_threads())
+    dx3 = window_backward(dy3, saved.x3, window, alpha, beta, k, get_num_threads())
     return dx3.reshape(saved.shape)
 
 

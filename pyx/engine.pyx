@@ -1,5 +1,5 @@
 """The engine: one compiled call per forward and per backward of BatchNorm, InstanceNorm and
-GroupNorm on NCHW rows, and of LayerNorm's rows.
+GroupNorm on NCHW rows, of LayerNorm's rows and of LocalResponseNorm's window.
 
 A Plan describes a grouping once: x of shape (N, C, *) as rows [N*C, L] (row r = (n, c), L
 contiguous values), grouped as [outer, k, inner] and merged over k (normcore.grouped.Grouping):
@@ -12,10 +12,11 @@ apply, each in compiled code from the Python call to the result: the arrays are 
 their data pointers (the caller has checked dtype, layout and shapes: this is the kernels'
 contract, and normcore's public functions are where it is enforced), the per-group statistics
 come back in one float64 array, and no thread team starts below the kernels' size threshold.
-The loops themselves are in channels.pxi, groups.pxi and layer_rows.pxi, included here (their
+The loops themselves are in channels.pxi, groups.pxi, layer_rows.pxi and lrn.pxi, included here (their
 cdef *_run functions; their def functions are the same kernels with checked arguments, for the
 tests). LayerNorm's rows are statistics per row with a per-column affine: rows_forward and
-rows_backward, with the same contract as a Plan's methods.
+rows_backward, with the same contract as a Plan's methods; LocalResponseNorm's window across
+channels is window_forward and window_backward.
 
 Channels-last memory is not a Plan's yet: normcore.grouped runs it with the channels_last
 kernels and a NumPy combine.
@@ -32,6 +33,8 @@ include "channels.pxi"
 include "groups.pxi"
 # LayerNorm's rows (per-column affine): rows_forward / rows_backward below call them.
 include "layer_rows.pxi"
+# LocalResponseNorm's window across channels: window_forward / window_backward below.
+include "lrn.pxi"
 
 cdef inline bint is_float32(cnp.ndarray a) noexcept:
     return cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32
@@ -283,3 +286,36 @@ def rows_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean_, cnp.ndarray 
             layer_backward_run(<const double*>xp, <const double*>dyp, <double*>dxp, R, L, <const double*>w, mean,
                                rstd, dw, dw + L, n_threads)
     return dx, grads
+
+
+def window_forward(cnp.ndarray x, Py_ssize_t size, double alpha, double beta, double k, int n_threads):
+    """y of LocalResponseNorm: x [N, C, P] C-contiguous float32 or float64, N, C, P >= 1;
+    size >= 1 (the caller's window: at most 2C + 1)."""
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(3, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+    cdef Py_ssize_t N = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1), P = cnp.PyArray_DIM(x, 2)
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef void* yp = cnp.PyArray_DATA(y)
+    if is_float32(x):
+        with nogil:
+            lrn_run(<const float*>NULL, <const float*>xp, <float*>yp, N, C, P, size, alpha, beta, k, n_threads)
+    else:
+        with nogil:
+            lrn_run(<const double*>NULL, <const double*>xp, <double*>yp, N, C, P, size, alpha, beta, k, n_threads)
+    return y
+
+
+def window_backward(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t size, double alpha, double beta, double k,
+                    int n_threads):
+    """dx of window_forward's y for x, recomputing its window sums; dy C-contiguous like x."""
+    cdef cnp.ndarray dx = cnp.PyArray_EMPTY(3, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+    cdef Py_ssize_t N = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1), P = cnp.PyArray_DIM(x, 2)
+    cdef void* dyp = cnp.PyArray_DATA(dy)
+    cdef void* xp = cnp.PyArray_DATA(x)
+    cdef void* dxp = cnp.PyArray_DATA(dx)
+    if is_float32(x):
+        with nogil:
+            lrn_run(<const float*>dyp, <const float*>xp, <float*>dxp, N, C, P, size, alpha, beta, k, n_threads)
+    else:
+        with nogil:
+            lrn_run(<const double*>dyp, <const double*>xp, <double*>dxp, N, C, P, size, alpha, beta, k, n_threads)
+    return dx

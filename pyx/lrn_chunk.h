@@ -1,5 +1,5 @@
 /* LocalResponseNorm on one chunk: one sample, wn (<= W) contiguous spatial positions, all C
- * channels (included by pyx/lrn.pyx, which cuts the work into chunks and runs them in
+ * channels (included by pyx/lrn.pxi, which cuts the work into chunks and runs them in
  * parallel).
  *
  * Window sums across channels without subtraction (van Herk / Gil-Werman): with padded channel

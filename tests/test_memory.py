@@ -347,7 +347,7 @@ def test_no_leak_on_the_other_kernel_paths(children):
 # -- peak -------------------------------------------------------------------------------------
 # Fixed slack: Python and NumPy bookkeeping, the per-call coefficient arrays, page rounding.
 PEAK_SLACK = 1 * MiB
-# Per thread: LocalResponseNorm's scratch (256 KiB a thread, pyx/lrn.pyx) and a thread's stack
+# Per thread: LocalResponseNorm's scratch (256 KiB a thread, pyx/lrn.pxi) and a thread's stack
 # and malloc arena pages first touched in the call.
 PEAK_PER_THREAD = MiB // 2
 # Per normalised row (N*C rows for the channel norms, the rows of LayerNorm): the saved
