@@ -13,6 +13,7 @@ dy * (x - mean)) -> combine (group sums, weighted by gamma) -> apply
 (dx = a * dy + b * (x - mean) + c). Nothing the size of x is kept or allocated besides the
 output: the backward recomputes from x and the saved O(N*C) statistics.
 """
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -57,16 +58,21 @@ class Grouping(NamedTuple):
         return np.tile(a, self.N)
 
 
+# The groupings are immutable and hashed on every call (the engine's plans are kept by
+# grouping): one object per shape, built once.
+@functools.lru_cache(maxsize=256)
 def channel_grouping(N, C, L):
     """BatchNorm: each channel's rows over the batch form one group."""
     return Grouping(N, C, L, 1, N, C)
 
 
+@functools.lru_cache(maxsize=256)
 def instance_grouping(N, C, L):
     """InstanceNorm: every row is its own group."""
     return Grouping(N, C, L, N * C, 1, 1)
 
 
+@functools.lru_cache(maxsize=256)
 def group_grouping(N, C, L, G):
     """GroupNorm: C/G consecutive rows of one sample form a group."""
     return Grouping(N, C, L, N * G, C // G, 1)

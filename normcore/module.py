@@ -97,8 +97,10 @@ def write_arrays(updates):
     """
     staged = []
     for name, destination, value in updates:
-        check_writeable(name, destination)
-        value = np.asarray(value)
+        if not destination.flags.writeable:
+            check_writeable(name, destination)  # raises
+        if type(value) is not np.ndarray:  # (a training step's values are arrays already)
+            value = np.asarray(value)
         if value.shape != destination.shape:  # (broadcast_to costs more than the rest together)
             try:
                 value = np.broadcast_to(value, destination.shape)
