@@ -53,16 +53,7 @@ NC_INLINE void nc_channel_bwd_combine(double rstd, double w, double mean, double
 }
 
 #define NC_TEMPLATE "channel_ops_impl.h"
-#define T float
-#define NC_SFX f32
-#include "for_each_isa.h"
-#undef T
-#undef NC_SFX
-#define T double
-#define NC_SFX f64
-#include "for_each_isa.h"
-#undef T
-#undef NC_SFX
+#include "for_each_type.h"
 #undef NC_TEMPLATE
 
 #endif

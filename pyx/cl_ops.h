@@ -24,16 +24,7 @@
 #define NC_CL_ROWS 4
 
 #define NC_TEMPLATE "cl_ops_impl.h"
-#define T float
-#define NC_SFX f32
-#include "for_each_isa.h"
-#undef T
-#undef NC_SFX
-#define T double
-#define NC_SFX f64
-#include "for_each_isa.h"
-#undef T
-#undef NC_SFX
+#include "for_each_type.h"
 #undef NC_TEMPLATE
 
 #endif

@@ -193,16 +193,7 @@ typedef struct {
 
 /* ---- The per-type kernels: row_ops_impl.h, for float and double, every instruction set ---- */
 #define NC_TEMPLATE "row_ops_impl.h"
-#define T float
-#define NC_SFX f32
-#include "for_each_isa.h"
-#undef T
-#undef NC_SFX
-#define T double
-#define NC_SFX f64
-#include "for_each_isa.h"
-#undef T
-#undef NC_SFX
+#include "for_each_type.h"
 #undef NC_TEMPLATE
 
 #endif
