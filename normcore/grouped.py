@@ -178,11 +178,11 @@ def forward(x, grouping, weight, bias, eps, n_threads, stats=None):
         return _forward_channels_last(x, x2, g, w, _f64(bias, g.C, 0.0), eps, n_threads, stats)
     plan = plan_of(g, n_threads)
     if stats is None:
-        y2, st = plan.forward(x2, w, _f64(bias, g.C, 0.0), eps)
+        y2, st = plan.forward(x2, w, bias, eps)
         rows = (st[0], st[1]) if g.k == 1 else (None, None)
         batch = BatchStats(*rows, st[0], st[1])
     else:
-        y2, st = plan.forward(x2, w, _f64(bias, g.C, 0.0), eps, *stats)
+        y2, st = plan.forward(x2, w, bias, eps, *stats)
         batch = None
     saved = Saved(x2, x.shape, g, st[0], st[2], w, stats is None)
     return y2.reshape(x.shape), saved, batch

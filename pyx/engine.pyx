@@ -24,6 +24,7 @@ kernels and a NumPy combine.
 cimport numpy as cnp
 import numpy as np
 from libc.math cimport NAN
+from libc.stdlib cimport free, malloc
 
 cnp.import_array()
 
@@ -99,16 +100,39 @@ cdef class Plan:
         self.G = outer * inner
         self.n_threads = n_threads
 
-    def forward(self, cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, double eps, object given_mean=None,
+    def forward(self, cnp.ndarray x, cnp.ndarray weight, object bias, double eps, object given_mean=None,
                 object given_var=None):
-        """(y, stats) for x: rows [N*C, L], C-contiguous float32 or float64; weight and bias
-        float64 [C] C-contiguous. With given_mean and given_var (per channel, any float dtype;
-        a per-channel plan), those statistics: rstd = 1 / sqrt(var + eps), NaN where var + eps
-        is negative, as PyTorch; else the statistics of x."""
+        """(y, stats) for x: rows [N*C, L], C-contiguous float32 or float64; weight float64 [C]
+        C-contiguous; bias None (zeros) or C values of any dtype (read in place when float32 or
+        float64, any stride, else converted: the layers pass their own parameter). With
+        given_mean and given_var (per channel, any float dtype; a per-channel plan), those
+        statistics: rstd = 1 / sqrt(var + eps), NaN where var + eps is negative, as PyTorch;
+        else the statistics of x."""
         if given_mean is not None and not self.per_channel:
             raise ValueError("given statistics take a per-channel plan")
         cdef cnp.ndarray y = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
         cdef cnp.ndarray stats = float64_matrix(3, self.G)
+        cdef const double* w = f64(weight)
+        cdef Py_ssize_t c
+        cdef cnp.ndarray bv
+        cdef double* b = <double*>malloc(self.C * sizeof(double))
+        if b == NULL:
+            raise MemoryError("Plan.forward: no memory for the bias")
+        if bias is None:
+            for c in range(self.C):
+                b[c] = 0.0
+        else:
+            bv = as_vector(bias, self.C)
+            for c in range(self.C):
+                b[c] = element(bv, c)
+        try:
+            self._forward(x, y, stats, w, b, eps, given_mean, given_var)
+        finally:
+            free(b)
+        return y, stats
+
+    cdef int _forward(self, cnp.ndarray x, cnp.ndarray y, cnp.ndarray stats, const double* w, const double* b,
+                      double eps, object given_mean, object given_var) except -1:
         cdef double* mean = f64(stats)
         cdef double* m2 = mean + self.G
         cdef double* rstd = m2 + self.G
@@ -118,8 +142,6 @@ cdef class Plan:
         cdef cnp.ndarray gm, gv
         cdef void* xp = cnp.PyArray_DATA(x)
         cdef void* yp = cnp.PyArray_DATA(y)
-        cdef const double* w = f64(weight)
-        cdef const double* b = f64(bias)
         if not batch:
             gm = as_vector(given_mean, self.C)
             gv = as_vector(given_var, self.C)
@@ -147,7 +169,7 @@ cdef class Plan:
             with nogil:
                 group_forward_run(<const double*>xp, <double*>yp, self.N * self.C, self.L, self.k, self.C, w, b,
                                   eps, mean, m2, rstd, self.n_threads)
-        return y, stats
+        return 0
 
     def backward(self, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean_, cnp.ndarray rstd_, cnp.ndarray weight,
                  bint batch_stats):
