@@ -94,7 +94,8 @@ static inline int nc_isa_level(void)
 #define NC_DISPATCH(f)
 #endif
 
-/* An entry point of a template: called through its dispatched name, never inlined. */
+/* An entry point of a template: callers reach it through its dispatched name (a template may
+ * also call another variant of the same instruction set directly: LRN's float fallback). */
 #define NC_ENTRY static
 
 #endif

@@ -12,9 +12,9 @@ apply, each in compiled code from the Python call to the result: the arrays are 
 their data pointers (the caller has checked dtype, layout and shapes: this is the kernels'
 contract, and normcore's public functions are where it is enforced), the per-group statistics
 come back in one float64 array, and no thread team starts below the kernels' size threshold.
-The loops themselves are in channels.pxi, groups.pxi, layer_rows.pxi and lrn.pxi, included here (their
-cdef *_run functions; their def functions are the same kernels with checked arguments, for the
-tests). LayerNorm's rows are statistics per row with a per-column affine: rows_forward and
+The loops themselves are in channels.pxi, groups.pxi, layer_rows.pxi and lrn.pxi, included here
+(their cdef *_run functions; their def functions are the same kernels with checked arguments,
+for the tests). LayerNorm's rows are statistics per row with a per-column affine: rows_forward and
 rows_backward, with the same contract as a Plan's methods; LocalResponseNorm's window across
 channels is window_forward and window_backward.
 
