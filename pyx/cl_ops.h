@@ -1,4 +1,4 @@
-/* Channels-last arithmetic (included by pyx/channels_last.pyx): x of one sample is a matrix
+/* Channels-last arithmetic (included by pyx/channels_last.pxi): x of one sample is a matrix
  * [L][C] with the C channels of a position contiguous, so the per-(sample, channel) sums are
  * column sums, vectorised across the channels.
  *

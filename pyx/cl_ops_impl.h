@@ -1,7 +1,8 @@
 /* The channels-last kernels of cl_ops.h for one element type T and one instruction set
  * (NC_NAME, dispatch.h). Included by for_each_isa.h only. */
 #ifndef NC_DISPATCH_PASS
-/* Column moments of rows [nrows][C] (row stride C); s, q: scratch of C doubles each. */
+/* Column moments of rows [nrows][C] (row stride C); s, q: scratch of C doubles each, which may
+ * be mean and m2 themselves. */
 NC_ENTRY void NC_NAME(nc_cl_moments)(const T *x, ptrdiff_t nrows, ptrdiff_t C,
                                                 double *s, double *q, double *mean, double *m2)
 {
@@ -27,8 +28,9 @@ NC_ENTRY void NC_NAME(nc_cl_moments)(const T *x, ptrdiff_t nrows, ptrdiff_t C,
     }
     const double n = (double)nrows;
     for (ptrdiff_t c = 0; c < C; c++) {
-        mean[c] = (double)x[c] + s[c] / n;
-        const double m = q[c] - s[c] * (s[c] / n);
+        const double sc = s[c], qc = q[c]; /* read before the writes: mean, m2 may be s, q */
+        mean[c] = (double)x[c] + sc / n;
+        const double m = qc - sc * (sc / n);
         m2[c] = m < 0.0 ? 0.0 : m; /* clamps rounding below 0; NaN passes through */
     }
 }

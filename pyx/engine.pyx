@@ -12,14 +12,13 @@ apply, each in compiled code from the Python call to the result: the arrays are 
 their data pointers (the caller has checked dtype, layout and shapes: this is the kernels'
 contract, and normcore's public functions are where it is enforced), the per-group statistics
 come back in one float64 array, and no thread team starts below the kernels' size threshold.
-The loops themselves are in channels.pxi, groups.pxi, layer_rows.pxi and lrn.pxi, included here
-(their cdef *_run functions; their def functions are the same kernels with checked arguments,
-for the tests). LayerNorm's rows are statistics per row with a per-column affine: rows_forward and
+A Plan made with channels_last=True reads x in channels-last memory, (N, C, *spatial) stored as
+(N, *spatial, C), through its [N, L, C] view, with the same groupings, and writes y and dx in
+that layout. The loops themselves are in channels.pxi, groups.pxi, channels_last.pxi,
+layer_rows.pxi and lrn.pxi, included here (their cdef *_run functions; the def functions of
+channels.pxi and groups.pxi are the same kernels with checked arguments, for the tests). LayerNorm's rows are statistics per row with a per-column affine: rows_forward and
 rows_backward, with the same contract as a Plan's methods; LocalResponseNorm's window across
 channels is window_forward and window_backward.
-
-Channels-last memory is not a Plan's yet: normcore.grouped runs it with the channels_last
-kernels and a NumPy combine.
 """
 cimport numpy as cnp
 import numpy as np
@@ -32,6 +31,8 @@ cnp.import_array()
 # GroupNorm): their cdef *_run functions, and the checked def entry points the tests call.
 include "channels.pxi"
 include "groups.pxi"
+# The same groupings on channels-last memory ([N, L, C]).
+include "channels_last.pxi"
 # LayerNorm's rows (per-column affine): rows_forward / rows_backward below call them.
 include "layer_rows.pxi"
 # LocalResponseNorm's window across channels: window_forward / window_backward below.
@@ -74,8 +75,9 @@ cdef cnp.ndarray as_vector(object v, Py_ssize_t n):
 
 
 cdef class Plan:
-    """How one input shape is normalised: the grouping (N, C, L, outer, k, inner) and the thread
-    count. Built once per layer and shape; forward and backward are one call each.
+    """How one input shape is normalised: the grouping (N, C, L, outer, k, inner), the layout
+    (NCHW rows [N*C, L], or channels-last [N, L, C]) and the thread count. Built once per layer,
+    shape and layout; forward and backward are one call each.
 
     The statistics array a forward returns, float64 of shape (3, G) with G = outer * inner:
     row 0 the group means, row 1 the group M2 (sum of squared deviations; with given statistics
@@ -84,10 +86,10 @@ cdef class Plan:
 
     cdef readonly Py_ssize_t N, C, L, outer, k, inner, G
     cdef readonly int n_threads
-    cdef readonly bint per_channel
+    cdef readonly bint per_channel, channels_last
 
     def __cinit__(self, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, Py_ssize_t outer, Py_ssize_t k,
-                  Py_ssize_t inner, int n_threads):
+                  Py_ssize_t inner, int n_threads, bint channels_last=False):
         if N < 1 or C < 1 or L < 1 or outer * k * inner != N * C or n_threads < 1:
             raise ValueError(f"a Plan needs a non-empty grouping, got N={N}, C={C}, L={L}, "
                              f"(outer, k, inner)=({outer}, {k}, {inner}), n_threads={n_threads}")
@@ -99,10 +101,19 @@ cdef class Plan:
         self.outer, self.k, self.inner = outer, k, inner
         self.G = outer * inner
         self.n_threads = n_threads
+        self.channels_last = channels_last
+
+    @property
+    def sample_tasks(self):
+        """Whether a channels-last plan with consecutive-row groups runs one sample per task
+        (reduce, combine and apply while it is in cache; the same bits as the separate passes)."""
+        return (self.channels_last and not self.per_channel
+                and cl_sample_tasks(self.N, self.n_threads, use_threads(self.n_threads, self.N * self.C * self.L)))
 
     def forward(self, cnp.ndarray x, cnp.ndarray weight, object bias, double eps, object given_mean=None,
                 object given_var=None):
-        """(y, stats) for x: rows [N*C, L], C-contiguous float32 or float64; weight float64 [C]
+        """(y, stats) for x: rows [N*C, L] (channels-last: [N, L, C]), C-contiguous float32 or
+        float64; weight float64 [C]
         C-contiguous; bias None (zeros) or C values of any dtype (read in place when float32 or
         float64, any stride, else converted: the layers pass their own parameter). With
         given_mean and given_var (per channel, any float dtype; a per-channel plan), those
@@ -110,7 +121,7 @@ cdef class Plan:
         else the statistics of x."""
         if given_mean is not None and not self.per_channel:
             raise ValueError("given statistics take a per-channel plan")
-        cdef cnp.ndarray y = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+        cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
         cdef cnp.ndarray stats = float64_matrix(3, self.G)
         cdef const double* w = f64(weight)
         cdef Py_ssize_t c
@@ -152,7 +163,16 @@ cdef class Plan:
                 # var + eps must give NaN, not a finite scale
                 m2[c] = v if v >= 0.0 else NAN
             eps = 0.0
-        if self.per_channel:
+        if self.channels_last:
+            if is_float32(x):
+                with nogil:
+                    cl_forward_run(<const float*>xp, <float*>yp, self.N, self.L, self.C, self._cl_k(), w, b, eps,
+                                   mean, m2, rstd, batch, self.n_threads)
+            else:
+                with nogil:
+                    cl_forward_run(<const double*>xp, <double*>yp, self.N, self.L, self.C, self._cl_k(), w, b, eps,
+                                   mean, m2, rstd, batch, self.n_threads)
+        elif self.per_channel:
             if is_float32(x):
                 with nogil:
                     channel_forward_run(<const float*>xp, <float*>yp, self.N, self.C, self.L, w, b, eps, mean, m2,
@@ -171,12 +191,16 @@ cdef class Plan:
                                   eps, mean, m2, rstd, self.n_threads)
         return 0
 
+    cdef inline Py_ssize_t _cl_k(self) noexcept nogil:
+        """channels_last.pxi's grouping: 0 per channel, else k consecutive channels."""
+        return 0 if self.per_channel else self.k
+
     def backward(self, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean_, cnp.ndarray rstd_, cnp.ndarray weight,
                  bint batch_stats):
         """(dx, grads) for the forward of x whose group means and rstd (float64 [G], rows 0 and 2
         of its statistics) are mean_ and rstd_, with the float64 weight [C] it used; dy
         C-contiguous like x. grads: float64 (2, C), dweight then dbias."""
-        cdef cnp.ndarray dx = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+        cdef cnp.ndarray dx = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
         cdef cnp.ndarray grads = float64_matrix(2, self.C)
         cdef double* dweight = f64(grads)
         cdef double* dbias = dweight + self.C
@@ -189,6 +213,18 @@ cdef class Plan:
         cdef Py_ssize_t R = self.N * self.C
         cdef cnp.ndarray rows
         cdef double* sums
+        if not batch_stats and not self.per_channel:
+            raise ValueError("given statistics take a per-channel plan")
+        if self.channels_last:
+            if is_float32(x):
+                with nogil:
+                    cl_backward_run(<const float*>xp, <const float*>dyp, <float*>dxp, self.N, self.L, self.C,
+                                    self._cl_k(), w, mean, rstd, batch_stats, dweight, dbias, self.n_threads)
+            else:
+                with nogil:
+                    cl_backward_run(<const double*>xp, <const double*>dyp, <double*>dxp, self.N, self.L, self.C,
+                                    self._cl_k(), w, mean, rstd, batch_stats, dweight, dbias, self.n_threads)
+            return dx, grads
         if self.per_channel:
             if is_float32(x):
                 with nogil:
@@ -199,8 +235,6 @@ cdef class Plan:
                     channel_backward_run(<const double*>xp, <const double*>dyp, <double*>dxp, self.N, self.C,
                                          self.L, w, mean, rstd, batch_stats, dweight, dbias, self.n_threads)
             return dx, grads
-        if not batch_stats:
-            raise ValueError("given statistics take a per-channel plan")
         rows = float64_matrix(2, R)  # per-row sum(dy), sum(dy * (x - mean)), one after the other
         sums = f64(rows)
         if is_float32(x):
@@ -213,23 +247,6 @@ cdef class Plan:
                                    w, mean, rstd, sums, sums + R, self.n_threads)
         channel_sums(sums, sums + R, rstd, self.N, self.C, self.k, dweight, dbias)
         return dx, grads
-
-
-cdef void channel_sums(const double* sdy, const double* sdyxc, const double* rstd, Py_ssize_t N, Py_ssize_t C,
-                       Py_ssize_t k, double* dweight, double* dbias) noexcept nogil:
-    """The parameter gradients of consecutive-row groups: per channel c, over the batch in order,
-    dbias = sum(dy) and dweight = sum(dy * (x - mean) * rstd) of its rows r = n * C + c."""
-    cdef Py_ssize_t n, c, r
-    cdef double s, u
-    for c in range(C):
-        s = 0.0
-        u = 0.0
-        for n in range(N):
-            r = n * C + c
-            s = s + sdy[r]
-            u = u + sdyxc[r] * rstd[r // k]
-        dbias[c] = s
-        dweight[c] = u
 
 
 def running_values(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray mean_, cnp.ndarray m2_,

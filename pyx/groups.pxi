@@ -185,6 +185,23 @@ cdef int group_backward_run(const floating* x, const floating* dy, floating* dx,
     return 0
 
 
+cdef void channel_sums(const double* sdy, const double* sdyxc, const double* rstd, Py_ssize_t N, Py_ssize_t C,
+                       Py_ssize_t k, double* dweight, double* dbias) noexcept nogil:
+    """The parameter gradients of consecutive-row groups: per channel c, over the batch in order,
+    dbias = sum(dy) and dweight = sum(dy * (x - mean) * rstd) of its rows r = n * C + c."""
+    cdef Py_ssize_t n, c, r
+    cdef double s, u
+    for c in range(C):
+        s = 0.0
+        u = 0.0
+        for n in range(N):
+            r = n * C + c
+            s = s + sdy[r]
+            u = u + sdyxc[r] * rstd[r // k]
+        dbias[c] = s
+        dweight[c] = u
+
+
 def group_forward(const floating[:, ::1] x,    # IN  [R, L]
                   floating[:, ::1] y,          # OUT [R, L] (may be x itself)
                   Py_ssize_t k,                # rows per group

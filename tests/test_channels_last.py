@@ -1,25 +1,27 @@
 """Channels-last input: x (N, C, *spatial) whose memory is (N, *spatial, C) C-contiguous.
 
 BatchNorm, InstanceNorm and GroupNorm read such an x without a transposing copy, as an
-[N, L, C] view, through the kernels of normcore._kernels.channels_last (pyx/channels_last.pyx,
-pyx/cl_ops.h), and return y and dx channels-last too. Here:
+[N, L, C] view, through a channels-last Plan of the engine (pyx/engine.pyx,
+pyx/channels_last.pxi, pyx/cl_ops.h), and return y and dx channels-last too. Here:
 
 1. layers: a channels-last x gives the y, dx, parameter gradients and running statistics of
    the same layer fed the C-contiguous copy of x, over training steps then eval; y and dx
    are channels-last; x (and dy) are left alone; dy in either layout gives the same dx;
 2. against torch.nn on channels-last tensors;
-3. every kernel against a plain float64 NumPy twin written here (sizes around the 256
-   positions of a chunk and the 4 rows of the unrolled column sums; in place; period C,
-   a multiple of C, N * C); ValueError for wrong shapes and periods;
-4. bitwise determinism over 1, 2 and 3 threads, and the fused cl_group_forward against its
-   separate steps (cl_moments + merge_moments + cl_apply), in the kernels and in the layers;
+3. the channels-last Plan, every grouping (per channel, groups of consecutive channels;
+   batch and given statistics), forward and backward, against a plain float64 NumPy twin
+   written here (sizes around the 256 positions of a chunk and the 4 rows of the unrolled
+   column sums);
+4. bitwise determinism over 1, 2 and 3 threads, through both ways of running
+   consecutive-channel groups (one sample per task, or separate passes), in the Plan and in
+   the layers;
 5. a constant channel normalises to exactly beta, a NaN stays in its channel.
 
 Sizes that matter (pyx/cl_ops.h, pyx/chunking.pxd): NC_CL_CHUNK = 256 positions of one sample
 per chunk, column sums taken NC_CL_ROWS = 4 rows at a time; PARALLEL_MIN = 65536 elements
-before any thread is started. grouped._forward_channels_last takes the fused cl_group_forward
-for InstanceNorm / GroupNorm with their own statistics when N >= n_threads, and the separate
-cl_moments + merge_moments + cl_apply otherwise.
+before any thread is started. InstanceNorm / GroupNorm with their own statistics run one
+sample per task when N >= n_threads (or on one thread), else separate passes over chunks
+(Plan.sample_tasks).
 """
 import collections
 
@@ -28,8 +30,7 @@ import pytest
 
 import normcore as nc
 from normcore import grouped
-from normcore._kernels.channels_last import cl_apply, cl_apply_backward, cl_grad_sums, cl_group_forward, cl_moments
-from normcore._kernels.combine import merge_moments
+from normcore._kernels.engine import Plan
 
 CHUNK = 256
 ROWS = 4
@@ -45,7 +46,6 @@ LAYER_TOL = {np.float32: 4 * float(np.finfo(np.float32).eps), np.float64: 1e-12}
 # the magnitude of the terms of their formula.
 RTOL_SUM = 1e-12
 RTOL_OUT = {np.float32: 1e-6, np.float64: 1e-12}
-KERNELS = ("cl_moments", "cl_grad_sums", "cl_apply", "cl_apply_backward", "cl_group_forward")
 
 
 @pytest.fixture(autouse=True)
@@ -56,15 +56,27 @@ def default_threads():
     nc.set_num_threads(None)
 
 
+class PlanCalls(collections.Counter):
+    """The plans grouped.py asked for: a count per layout ("channels_last", "nchw"), and the
+    channels-last plans themselves in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.cl_plans = []
+
+
 @pytest.fixture
 def cl_calls(monkeypatch):
-    """Counts the calls grouped.py makes to each channels-last kernel."""
-    calls = collections.Counter()
-    for name in KERNELS:
-        def spy(*args, _fn=getattr(grouped, name), _name=name, **kwargs):
-            calls[_name] += 1
-            return _fn(*args, **kwargs)
-        monkeypatch.setattr(grouped, name, spy)
+    """Counts the engine plans grouped.py runs (one per forward and per backward), by layout."""
+    calls = PlanCalls()
+
+    def spy(grouping, n_threads, channels_last=False, _fn=grouped.plan_of):
+        plan = _fn(grouping, n_threads, channels_last)
+        calls["channels_last" if channels_last else "nchw"] += 1
+        if channels_last:
+            calls.cl_plans.append(plan)
+        return plan
+    monkeypatch.setattr(grouped, "plan_of", spy)
     return calls
 
 
@@ -201,13 +213,13 @@ def test_layer_matches_c_contiguous(case, dtype, cl_calls):
         through_cl = not x.flags.c_contiguous  # C = 1 or L = 1: channels-last is C-contiguous too
         x_before, dy_before = x.copy(order="K"), dy_cl.copy(order="K")
 
-        calls = sum(cl_calls.values())
+        calls = cl_calls["channels_last"]
         y_ref = ref(a)
         dx_ref = ref.backward(g)
-        assert sum(cl_calls.values()) == calls, "a C-contiguous x went through the channels-last kernels"
+        assert cl_calls["channels_last"] == calls, "a C-contiguous x went through the channels-last kernels"
         y = m(x)
         dx = m.backward(dy_cl)
-        assert (sum(cl_calls.values()) > calls) == through_cl, "channels-last x did not take the channels-last path"
+        assert cl_calls["channels_last"] == calls + 2 * through_cl, "channels-last x did not take the channels-last path"
         grads = {k: v.copy() for k, v in m.grads.items()}
         dx2 = m.backward(g)  # dy in NCHW layout for a channels-last forward
 
@@ -258,9 +270,10 @@ def test_layer_large_offset_and_read_only(dtype, cl_calls):
         x, dy = to_cl(a), to_cl(g)
         x.setflags(write=False)
         dy.setflags(write=False)
-        y, y_ref = m(x), ref(a)
-        dx, dx_ref = m.backward(dy), ref.backward(g)
-        assert cl_calls["cl_apply_backward"] > 0
+        y_ref, dx_ref = ref(a), ref.backward(g)
+        cl_calls.clear()
+        y, dx = m(x), m.backward(dy)
+        assert cl_calls["channels_last"] == 2 and cl_calls["nchw"] == 0  # this forward and backward
         assert is_cl(y) and is_cl(dx)
         assert_close(y, y_ref, dtype, "y")
         assert_close(dx, dx_ref, dtype, "dx")
@@ -336,69 +349,72 @@ def test_matches_torch(case, dtype):
         torch.set_num_threads(threads)
 
 
-# ================================================================================ 3. kernels
+# ================================================================================ 3. the Plan
 
-def np_cl_moments(x3):
-    """mean and M2 per (n, c) over the L positions, index n * C + c; and max |x| per (n, c)."""
+def plan_for(shape, G, n_threads):
+    """The channels-last Plan of x [N, L, C]: G = 0 per channel (BatchNorm), else G groups of
+    C/G consecutive channels per sample."""
+    N, L, C = shape
+    if G == 0:
+        return Plan(N, C, L, 1, N, C, n_threads, True)
+    return Plan(N, C, L, N * G, C // G, 1, n_threads, True)
+
+
+def group_index(N, C, G):
+    """[N, C]: the group of each (n, c), numbered as the Plan's statistics."""
+    if G == 0:
+        return np.tile(np.arange(C), (N, 1))
+    return (np.arange(N * C) // (C // G)).reshape(N, C)
+
+
+def np_forward(x3, G, weight, bias, eps):
+    """The float64 twin of a channels-last forward with batch statistics: mean, M2 and rstd per
+    group, y, the magnitude of y's terms, and that of (|x| + |mean|) * |rstd * w| (the error of
+    the statistics, where x is close to the mean); max |x| per group."""
+    N, L, C = x3.shape
     xd = f64(x3)
-    mean = xd.mean(axis=1)
-    m2 = ((xd - mean[:, None, :]) ** 2).sum(axis=1)
-    return mean.ravel(), m2.ravel(), np.abs(xd).max(axis=1).ravel()
-
-
-def per_row(v, N, C, period):
-    """Coefficient array indexed (n * C + c) % period, as [N, 1, C] to broadcast over x3."""
-    return f64(v)[np.arange(N * C) % period].reshape(N, 1, C)
-
-
-def np_cl_grad_sums(x3, dy3, center, period):
-    """sum(dy), sum(dy * (x - center)) per (n, c) and the sums of their magnitudes."""
-    N, L, C = x3.shape
-    d = f64(dy3)
-    t = d * (f64(x3) - per_row(center, N, C, period))
-    return d.sum(1).ravel(), t.sum(1).ravel(), np.abs(d).sum(1).ravel(), np.abs(t).sum(1).ravel()
-
-
-def np_cl_apply(x3, center, scale, shift, period):
-    """y = (x - center) * scale + shift and the magnitude of its terms."""
-    N, L, C = x3.shape
-    t = (f64(x3) - per_row(center, N, C, period)) * per_row(scale, N, C, period)
-    s = per_row(shift, N, C, period)
-    return t + s, np.abs(t) + np.abs(s)
-
-
-def np_cl_apply_backward(dy3, x3, center, a, b, c, period):
-    """dx = a * dy + (b * (x - center) + c) in float64 and the magnitude of its terms."""
-    N, L, C = x3.shape
-    t1 = per_row(a, N, C, period) * f64(dy3)
-    t2 = per_row(b, N, C, period) * (f64(x3) - per_row(center, N, C, period))
-    t3 = per_row(c, N, C, period) + 0 * t1
-    return t1 + (t2 + t3), np.abs(t1) + np.abs(t2) + np.abs(t3)
-
-
-def np_cl_group_forward(x3, G, weight, bias, eps):
-    """GroupNorm of [N, L, C] with groups of C/G consecutive channels: mean, M2, rstd per
-    (n, g) (index n * G + g), y, the magnitude of y's terms and that of x * rstd * w and
-    mean * rstd * w (the error of the statistics, where x is close to the mean)."""
-    N, L, C = x3.shape
-    k = C // G
-    xg = f64(x3).reshape(N, L, G, k).transpose(0, 2, 1, 3).reshape(N * G, L * k)
-    mean = xg.mean(1)
-    m2 = ((xg - mean[:, None]) ** 2).sum(1)
-    rstd = 1.0 / np.sqrt(np.maximum(m2 / (k * L), 0.0) + eps)
-    mean_c = np.repeat(mean.reshape(N, G), k, axis=1)[:, None, :]  # [N, 1, C]
-    a = np.repeat(rstd.reshape(N, G), k, axis=1)[:, None, :] * f64(weight)[None, None, :]
-    t = (f64(x3) - mean_c) * a
-    terms = (np.abs(f64(x3)) + np.abs(mean_c)) * np.abs(a)
+    gi = group_index(N, C, G)
+    n_groups = gi.max() + 1
+    count = np.bincount(gi.ravel(), minlength=n_groups) * L
+    mean = np.bincount(gi.ravel(), weights=xd.sum(1).ravel(), minlength=n_groups) / count
+    dev = xd - mean[gi][:, None, :]
+    m2 = np.bincount(gi.ravel(), weights=(dev ** 2).sum(1).ravel(), minlength=n_groups)
+    rstd = 1.0 / np.sqrt(np.maximum(m2 / count, 0.0) + eps)
+    a = rstd[gi][:, None, :] * f64(weight)
+    t = dev * a
     b = f64(bias)[None, None, :]
-    return mean, m2, rstd, t + b, np.abs(t) + np.abs(b), terms
+    terms = (np.abs(xd) + np.abs(mean[gi][:, None, :])) * np.abs(a)
+    xmax = np.zeros(n_groups)
+    np.maximum.at(xmax, gi.ravel(), np.abs(xd).max(1).ravel())
+    return mean, m2, rstd, t + b, np.abs(t) + np.abs(b), terms, xmax
+
+
+def np_backward(x3, dy3, G, weight, mean, rstd, batch_stats):
+    """The float64 twin of the backward for the forward with these statistics: dx, the
+    magnitude of its terms, dweight, dbias. Batch statistics: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) over the
+    group, g = w * dy; given ones: dx = rstd * w * dy."""
+    N, L, C = x3.shape
+    gi = group_index(N, C, G)
+    r = f64(rstd)[gi][:, None, :]
+    xhat = (f64(x3) - f64(mean)[gi][:, None, :]) * r
+    d = f64(dy3)
+    gw = d * f64(weight)
+    dweight = (d * xhat).sum((0, 1))
+    dbias = d.sum((0, 1))
+    if not batch_stats:
+        return gw * r, np.abs(gw * r), dweight, dbias
+    count = np.bincount(gi.ravel()) * L
+    m_g = np.bincount(gi.ravel(), weights=gw.sum(1).ravel()) / count
+    m_gx = np.bincount(gi.ravel(), weights=(gw * xhat).sum(1).ravel()) / count
+    t1, t2, t3 = r * gw, r * m_g[gi][:, None, :], r * xhat * m_gx[gi][:, None, :]
+    return t1 - t2 - t3, np.abs(t1) + np.abs(t2) + np.abs(t3), dweight, dbias
 
 
 # (N, L, C): one value; L below, at and just past the 4 unrolled rows (C = 6: groups of 2
-# and 3 channels); C = 1; exactly one
-# chunk, one past it, several chunks with a tail (700 = 2 * 256 + 188); N = 1 with chunks;
-# a wide C; and inputs over PARALLEL_MIN (threaded with n_threads = 3), one with L < CHUNK.
-KERNEL_SHAPES = [
+# and 3 channels); C = 1; exactly one chunk, one past it, several chunks with a tail
+# (700 = 2 * 256 + 188); N = 1 with chunks; a wide C; and inputs over PARALLEL_MIN (threaded
+# with n_threads = 3), one with L < CHUNK.
+PLAN_SHAPES = [
     (1, 1, 1),
     (2, 1, 3),
     (2, 3, 5),
@@ -413,297 +429,139 @@ KERNEL_SHAPES = [
     (3, 700, 40),
     (40, 70, 24),
 ]
-KERNEL_THREADS = [1, 3]
-
-
-def periods(N, C):
-    """C, a multiple of C in between when N has a divisor, and N * C."""
-    d = next((d for d in range(2, N) if N % d == 0), None)
-    return sorted({C, N * C} | ({d * C} if d else set()))
-
-
-@pytest.mark.parametrize("n_threads", KERNEL_THREADS)
-@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cl_moments(dtype, shape, n_threads):
-    N, L, C = shape
-    x = make(np.random.default_rng(10), shape, dtype, loc=3.0, spread=2.0)
-    mean, m2 = np.full(N * C, np.nan), np.full(N * C, np.nan)
-    cl_moments(x, mean, m2, n_threads)
-    want_mean, want_m2, xmax = np_cl_moments(x)
-    assert_within(mean, want_mean, xmax, RTOL_SUM, "mean")
-    assert_within(m2, want_m2, want_m2, RTOL_SUM, "M2")
-    if L == 1:
-        assert np.array_equal(mean, f64(x).ravel()) and np.all(m2 == 0.0)
-
-
-@pytest.mark.parametrize("L", [5, CHUNK + 3, 1000])
-def test_cl_moments_large_mean_float32(L):
-    """x = 1e4 + N(0, 1) in float32: variance to 1e-10 relative."""
-    x = make(np.random.default_rng(11), (2, L, 3), np.float32, loc=1e4)
-    mean, m2 = np.empty(6), np.empty(6)
-    cl_moments(x, mean, m2)
-    want_mean, want_m2, _ = np_cl_moments(x)
-    assert np.all(np.abs(m2 - want_m2) < 1e-10 * want_m2), (m2, want_m2)
-    assert np.all(np.abs(mean - want_mean) < 1e-14 * 1e4), (mean, want_mean)
-
-
-@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
-@pytest.mark.parametrize("pos", [0, 1, 5, CHUNK, CHUNK + 2, 600, 700])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cl_moments_non_finite_confined(dtype, pos, bad):
-    """NaN or inf at a chunk's first position (its shift), in the unrolled rows or in the
-    tail (L = 701: the last chunk is 47 * 4 rows + 1): M2 of that (n, c) is NaN, every other
-    (n, c) is the bits of the clean input."""
-    N, L, C = 2, 701, 5
-    x = make(np.random.default_rng(12), (N, L, C), dtype, loc=1.0)
-    clean = np.empty(N * C), np.empty(N * C)
-    cl_moments(x, *clean)
-    x[1, pos, 3] = bad
-    got = np.empty(N * C), np.empty(N * C)
-    cl_moments(x, *got)
-    i = 1 * C + 3
-    assert np.isnan(got[1][i]), f"M2 of a column holding {bad} is {got[1][i]}"
-    others = np.arange(N * C) != i
-    assert same_bits(got[0][others], clean[0][others]) and same_bits(got[1][others], clean[1][others])
-
-
-@pytest.mark.parametrize("n_threads", KERNEL_THREADS)
-@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cl_grad_sums(dtype, shape, n_threads):
-    N, L, C = shape
-    rng = np.random.default_rng(13)
-    x = make(rng, shape, dtype, loc=5.0, spread=3.0)
-    dy = make(rng, shape, dtype)
-    for period in periods(N, C):
-        center = 5.0 + rng.standard_normal(period)
-        s, t = np.full(N * C, np.nan), np.full(N * C, np.nan)
-        cl_grad_sums(x, dy, center, period, s, t, n_threads)
-        want_s, want_t, mag_s, mag_t = np_cl_grad_sums(x, dy, center, period)
-        assert_within(s, want_s, mag_s, RTOL_SUM, f"sum(dy) period={period}")
-        assert_within(t, want_t, mag_t, RTOL_SUM, f"sum(dy*(x-c)) period={period}")
-
-
-@pytest.mark.parametrize("loc", [2.0, 1.5e7], ids=["loc2", "loc1.5e7"])
-@pytest.mark.parametrize("n_threads", KERNEL_THREADS)
-@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cl_apply(dtype, shape, n_threads, loc):
-    """Against the float64 formula. loc = 1.5e7: float32 x are integers there and the center
-    1.5e7 + fraction is not a float32; the split center (hi + lo) keeps y accurate to the
-    size of x - center, not of the center."""
-    N, L, C = shape
-    rng = np.random.default_rng(14)
-    x = make(rng, shape, dtype, loc=loc, spread=3.0)
-    for period in periods(N, C):
-        center = loc + 0.3 + rng.standard_normal(period)
-        scale = rng.uniform(0.2, 3.0, period) * rng.choice([-1.0, 1.0], period)
-        shift = rng.standard_normal(period)
-        want, mag = np_cl_apply(x, center, scale, shift, period)
-        y = np.full_like(x, np.nan)
-        cl_apply(x, y, center, scale, shift, period, n_threads)
-        assert y.dtype == dtype
-        assert_within(y, want, mag, RTOL_OUT[dtype], f"y period={period}")
-        xi = x.copy()  # y may be x itself
-        cl_apply(xi, xi, center, scale, shift, period, n_threads)
-        assert same_bits(xi, y), f"in place, period={period}"
-
-
-@pytest.mark.parametrize("n_threads", KERNEL_THREADS)
-@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_cl_apply_backward(dtype, shape, n_threads):
-    """dx is the float64 value rounded once to the array type: within half an ulp of it
-    (plus float64 rounding, 4e-16 of the terms)."""
-    N, L, C = shape
-    rng = np.random.default_rng(15)
-    x = make(rng, shape, dtype, loc=-1.0, spread=2.0)
-    dy = make(rng, shape, dtype)
-    for period in periods(N, C):
-        center = -1.0 + rng.standard_normal(period)
-        a, b, c = rng.uniform(0.5, 2.0, period), rng.standard_normal(period), rng.standard_normal(period)
-        want, mag = np_cl_apply_backward(dy, x, center, a, b, c, period)
-        dx = np.full_like(x, np.nan)
-        cl_apply_backward(dy, x, dx, center, a, b, c, period, n_threads)
-        assert dx.dtype == dtype
-        half_ulp = 0.5 * f64(np.spacing(np.abs(want).astype(dtype)))
-        bad = ~(np.abs(f64(dx) - want) <= half_ulp + 4e-16 * mag)
-        assert not bad.any(), f"period={period}: {bad.sum()} elements not want rounded once"
-        dyi = dy.copy()  # dx may be dy itself
-        cl_apply_backward(dyi, x, dyi, center, a, b, c, period, n_threads)
-        assert same_bits(dyi, dx), f"in place, period={period}"
+PLAN_THREADS = [1, 3]
 
 
 def group_params(rng, C):
     return rng.uniform(0.5, 1.5, C) * rng.choice([-1.0, 1.0], C), rng.standard_normal(C)
 
 
-def divisors(C):
-    return [g for g in range(1, C + 1) if C % g == 0]
+def groupings(C):
+    """0 (per channel), then G for every group size in use: 1, the smallest divisor above 1,
+    the largest below C, and C (at most 5 in all)."""
+    ds = [g for g in range(1, C + 1) if C % g == 0]
+    return [0] + sorted({ds[0], ds[min(1, len(ds) - 1)], ds[max(len(ds) - 2, 0)], ds[-1]})
 
 
-@pytest.mark.parametrize("n_threads", KERNEL_THREADS)
-@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
+@pytest.mark.parametrize("n_threads", PLAN_THREADS)
+@pytest.mark.parametrize("shape", PLAN_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cl_group_forward(dtype, shape, n_threads):
-    """Every G dividing C (at most 4 of them: 1, the smallest, the largest below C, and C)."""
+def test_plan_forward(dtype, shape, n_threads):
     N, L, C = shape
     rng = np.random.default_rng(16)
     x = make(rng, shape, dtype, loc=4.0, spread=2.0)
     weight, bias = group_params(rng, C)
-    ds = divisors(C)
-    for G in sorted({ds[0], ds[min(1, len(ds) - 1)], ds[max(len(ds) - 2, 0)], ds[-1]}):
-        want_mean, want_m2, want_rstd, want, mag, terms = np_cl_group_forward(x, G, weight, bias, EPS)
-        y = np.full_like(x, np.nan)
-        row_mean, row_m2 = np.full(N * C, np.nan), np.full(N * C, np.nan)
-        mean, m2, rstd = (np.full(N * G, np.nan) for _ in range(3))
-        cl_group_forward(x, y, G, weight, bias, EPS, row_mean, row_m2, mean, m2, rstd, n_threads)
-        assert y.dtype == dtype
-        rm, rm2, xmax = np_cl_moments(x)
-        assert_within(row_mean, rm, xmax, RTOL_SUM, f"row mean G={G}")
-        assert_within(row_m2, rm2, rm2, RTOL_SUM, f"row M2 G={G}")
-        gmax = xmax.reshape(N * G, C // G).max(1)
-        assert_within(mean, want_mean, gmax, RTOL_SUM, f"mean G={G}")
-        assert_within(m2, want_m2, want_m2, RTOL_SUM, f"M2 G={G}")
-        assert_within(rstd, want_rstd, want_rstd, RTOL_SUM, f"rstd G={G}")
+    for G in groupings(C):
+        want_mean, want_m2, want_rstd, want, mag, terms, xmax = np_forward(x, G, weight, bias, EPS)
+        y, stats = plan_for(shape, G, n_threads).forward(x, weight, bias, EPS)
+        assert y.dtype == dtype and y.shape == shape and stats.shape == (3, want_mean.size)
+        assert_within(stats[0], want_mean, xmax, RTOL_SUM, f"mean G={G}")
+        assert_within(stats[1], want_m2, want_m2, RTOL_SUM, f"M2 G={G}")
+        assert_within(stats[2], want_rstd, want_rstd, RTOL_SUM, f"rstd G={G}")
         # the rounding of the apply, plus the error of the statistics where x is near the mean
         assert_within(y, want, mag + (RTOL_SUM / RTOL_OUT[dtype]) * terms, RTOL_OUT[dtype], f"y G={G}")
-        xi = x.copy()  # y may be x itself
-        out_i = [np.empty(N * C), np.empty(N * C)] + [np.empty(N * G) for _ in range(3)]
-        cl_group_forward(xi, xi, G, weight, bias, EPS, *out_i, n_threads)
-        assert same_bits(xi, y), f"in place, G={G}"
-        assert all(same_bits(p, q) for p, q in zip(out_i, (row_mean, row_m2, mean, m2, rstd)))
+        if L == 1 and G == C:
+            assert np.array_equal(stats[0], f64(x).ravel()) and np.all(stats[1] == 0.0)
+
+
+@pytest.mark.parametrize("n_threads", PLAN_THREADS)
+@pytest.mark.parametrize("shape", PLAN_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plan_backward(dtype, shape, n_threads):
+    """dx and the parameter gradients of every grouping's forward, and of a per-channel
+    forward with given statistics (dx = rstd * w * dy, rounded once from float64)."""
+    N, L, C = shape
+    rng = np.random.default_rng(17)
+    x = make(rng, shape, dtype, loc=-1.0, spread=2.0)
+    dy = make(rng, shape, dtype)
+    weight, bias = group_params(rng, C)
+    for G in groupings(C):
+        plan = plan_for(shape, G, n_threads)
+        _, stats = plan.forward(x, weight, bias, EPS)
+        dx, grads = plan.backward(x, dy, stats[0], stats[2], weight, True)
+        want, mag, dw, db = np_backward(x, dy, G, weight, stats[0], stats[2], True)
+        assert dx.dtype == dtype and dx.shape == shape and grads.shape == (2, C)
+        assert_within(dx, want, mag, RTOL_OUT[dtype], f"dx G={G}")
+        assert_within(grads[1], db, f64(np.abs(f64(dy)).sum((0, 1))), RTOL_SUM, f"dbias G={G}")
+        assert_close(grads[0], dw, np.float64, f"dweight G={G}")
+    plan = plan_for(shape, 0, n_threads)
+    mean, var = rng.standard_normal(C), rng.uniform(0.5, 2.0, C)
+    _, stats = plan.forward(x, weight, bias, EPS, mean, var)
+    assert np.array_equal(stats[0], mean)
+    dx, grads = plan.backward(x, dy, stats[0], stats[2], weight, False)
+    want, _, dw, db = np_backward(x, dy, 0, weight, stats[0], stats[2], False)
+    half_ulp = 0.5 * f64(np.spacing(np.abs(want).astype(dtype)))
+    assert np.all(np.abs(f64(dx) - want) <= half_ulp + 4e-16 * np.abs(want)), "dx not rstd * w * dy rounded once"
+    assert_close(grads[0], dw, np.float64, "dweight, given statistics")
+
+
+@pytest.mark.parametrize("loc", [2.0, 1.5e7], ids=["loc2", "loc1.5e7"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plan_forward_given_statistics(dtype, loc):
+    """y = (x - mean) / sqrt(var + eps) * w + b with given statistics. loc = 1.5e7: float32
+    x are integers there and the mean 1.5e7 + fraction is not a float32; the split center
+    (hi + lo) keeps y accurate to the size of x - mean, not of the mean."""
+    shape = (3, 2 * CHUNK + 188, 5)
+    N, L, C = shape
+    rng = np.random.default_rng(14)
+    x = make(rng, shape, dtype, loc=loc, spread=3.0)
+    weight, bias = group_params(rng, C)
+    mean, var = loc + 0.3 + rng.standard_normal(C), rng.uniform(0.2, 3.0, C)
+    y, stats = plan_for(shape, 0, 1).forward(x, weight, bias, EPS, mean, var)
+    scale = weight / np.sqrt(var + EPS)
+    t = (f64(x) - mean) * scale
+    assert np.array_equal(stats[0], mean) and np.array_equal(stats[1], var + EPS)
+    assert_within(stats[2], 1 / np.sqrt(var + EPS), 1 / np.sqrt(var + EPS), 1e-15, "rstd")
+    assert_within(y, t + bias, np.abs(t) + np.abs(bias), RTOL_OUT[dtype], "y")
+
+
+@pytest.mark.parametrize("L", [5, CHUNK + 3, 1000])
+def test_plan_large_mean_float32(L):
+    """x = 1e4 + N(0, 1) in float32: the variance of each (n, c) to 1e-10 relative."""
+    shape = (2, L, 3)
+    x = make(np.random.default_rng(11), shape, np.float32, loc=1e4)
+    _, stats = plan_for(shape, 3, 1).forward(x, np.ones(3), np.zeros(3), EPS)
+    want_mean, want_m2, *_ = np_forward(x, 3, np.ones(3), np.zeros(3), EPS)
+    assert np.all(np.abs(stats[1] - want_m2) < 1e-10 * want_m2), (stats[1], want_m2)
+    assert np.all(np.abs(stats[0] - want_mean) < 1e-14 * 1e4), (stats[0], want_mean)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("pos", [0, 1, 5, CHUNK, CHUNK + 2, 600, 700])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plan_non_finite_confined(dtype, pos, bad):
+    """NaN or inf at a chunk's first position (its shift), in the unrolled rows or in the
+    tail (L = 701: the last chunk is 47 * 4 rows + 1), in InstanceNorm's grouping: M2 and y of
+    that (n, c) are NaN, every other (n, c) has the bits of the clean input."""
+    N, L, C = 2, 701, 5
+    shape = (N, L, C)
+    x = make(np.random.default_rng(12), shape, dtype, loc=1.0)
+    plan = plan_for(shape, C, 1)
+    w, b = np.ones(C), np.zeros(C)
+    y0, clean = plan.forward(x, w, b, EPS)
+    x[1, pos, 3] = bad
+    with np.errstate(invalid="ignore"):
+        y1, got = plan.forward(x, w, b, EPS)
+    i = 1 * C + 3
+    assert np.isnan(got[1, i]), f"M2 of a column holding {bad} is {got[1, i]}"
+    assert np.all(np.isnan(y1[1, :, 3]))
+    others = np.arange(N * C) != i
+    assert same_bits(got[:, others], clean[:, others])
+    keep = np.ones((N, C), bool)
+    keep[1, 3] = False
+    assert same_bits(np.moveaxis(y1, 1, 2)[keep], np.moveaxis(y0, 1, 2)[keep])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_empty_batch(dtype):
-    """N == 0 (and C == 0 where the period is given): nothing to compute, nothing raised."""
-    for N, L, C in [(0, 5, 3), (0, 0, 3)]:
-        x = np.empty((N, L, C), dtype)
-        e = np.empty(0)
-        c = np.ones(C)
-        cl_moments(x, e, e)
-        cl_grad_sums(x, x, c, C, e, e)
-        cl_apply(x, x.copy(), c, c, c, C)
-        cl_apply_backward(x, x, x.copy(), c, c, c, c, C)
-        cl_group_forward(x, x.copy(), 1, c, c, EPS, e, e, e, e, e)
-    x = np.empty((2, 5, 0), dtype)
-    e = np.empty(0)
-    cl_grad_sums(x, x, np.ones(1), 1, e, e)
-    cl_apply(x, x.copy(), e, e, e, 1)
-    cl_apply_backward(x, x, x.copy(), e, e, e, e, 1)
-
-
-@pytest.mark.parametrize("kernel", ["cl_moments", "cl_group_forward"])
-def test_no_channels(kernel):
-    x = np.empty((2, 5, 0))
-    e = np.empty(0)
-    if kernel == "cl_moments":
-        cl_moments(x, e, e)
-    else:
-        cl_group_forward(x, x.copy(), 1, e, e, EPS, e, e, np.empty(2), np.empty(2), np.empty(2))
-
-
-def _valid_args(dtype=np.float64):
-    """Valid arguments for every kernel: N = 2, L = 5, C = 3."""
-    N, L, C = 2, 5, 3
-    rng = np.random.default_rng(17)
-    x, dy = make(rng, (N, L, C), dtype), make(rng, (N, L, C), dtype)
-    v = lambda n: rng.uniform(0.5, 1.5, n)  # noqa: E731
-    return {
-        "cl_moments": (cl_moments, [x, np.empty(N * C), np.empty(N * C)]),
-        "cl_grad_sums": (cl_grad_sums, [x, dy, v(C), C, np.empty(N * C), np.empty(N * C)]),
-        "cl_apply": (cl_apply, [x, np.empty_like(x), v(N * C), v(N * C), v(N * C), N * C]),
-        "cl_apply_backward": (cl_apply_backward, [dy, x, np.empty_like(x), v(C), v(C), v(C), v(C), C]),
-        # G = 1: the per-group arrays (N) are shorter than the per-(n, c) ones (N * C).
-        "cl_group_forward": (cl_group_forward, [x, np.empty_like(x), 1, v(C), v(C), EPS, np.empty(N * C),
-                                                np.empty(N * C), np.empty(N), np.empty(N), np.empty(N)]),
-    }
-
-
-def _set(**changes):
-    """A change of the valid arguments: {index: new value}, applied in place."""
-    def mutate(args):
-        for i, v in changes.items():
-            args[int(i[1:])] = v
-    return mutate
-
-
-def _empty(*shape):
-    return np.empty(shape)
-
-
-SHAPE = "arrays must have the shape of x"
-PERIOD = "period must be a multiple of C"
-COEFFS = "coefficient arrays need"
-PER_ROW = r"per-\(n, c\) arrays must have"
-NO_POS = "at least one position"
-GROUPS = "must divide C"
-PER_GROUP = "per-group arrays must have"
-CONTIG = "contiguous"
-
-# id -> (kernel, change of its valid arguments, expected message): one wrong thing each.
-INVALID = {
-    "moments-mean-short": ("cl_moments", _set(a1=_empty(5)), PER_ROW),
-    "moments-m2-long": ("cl_moments", _set(a2=_empty(7)), PER_ROW),
-    "moments-no-positions": ("cl_moments", _set(a0=_empty(2, 0, 3)), NO_POS),
-    "moments-not-contiguous": ("cl_moments", _set(a0=_empty(2, 5, 6)[:, :, ::2]), CONTIG),
-    "grad-dy-positions": ("cl_grad_sums", _set(a1=_empty(2, 4, 3)), SHAPE),
-    "grad-dy-channels": ("cl_grad_sums", _set(a1=_empty(2, 5, 2)), SHAPE),
-    "grad-dy-batch": ("cl_grad_sums", _set(a1=_empty(3, 5, 3)), SHAPE),
-    "grad-period-not-multiple-of-C": ("cl_grad_sums", _set(a3=2), PERIOD),
-    "grad-period-zero": ("cl_grad_sums", _set(a3=0), PERIOD),
-    "grad-period-negative": ("cl_grad_sums", _set(a3=-3), PERIOD),
-    "grad-period-not-dividing-NC": ("cl_grad_sums", _set(a3=12), PERIOD),
-    "grad-center-short": ("cl_grad_sums", _set(a2=np.ones(2)), COEFFS),
-    "grad-sdy-short": ("cl_grad_sums", _set(a4=_empty(5)), PER_ROW),
-    "grad-sdyxc-long": ("cl_grad_sums", _set(a5=_empty(7)), PER_ROW),
-    "grad-no-positions": ("cl_grad_sums", _set(a0=_empty(2, 0, 3), a1=_empty(2, 0, 3)), NO_POS),
-    "apply-y-channels": ("cl_apply", _set(a1=_empty(2, 5, 4)), SHAPE),
-    "apply-y-batch": ("cl_apply", _set(a1=_empty(1, 5, 3)), SHAPE),
-    "apply-period-C-plus-1": ("cl_apply", _set(a5=4), PERIOD),
-    "apply-period-not-dividing-NC": ("cl_apply", _set(a5=12), PERIOD),
-    "apply-scale-short": ("cl_apply", _set(a3=np.ones(5)), COEFFS),
-    "apply-center-short": ("cl_apply", _set(a2=np.ones(3)), COEFFS),
-    "apply-shift-short": ("cl_apply", _set(a4=np.ones(5)), COEFFS),
-    "bwd-dx-shape": ("cl_apply_backward", _set(a2=_empty(2, 6, 3)), SHAPE),
-    "bwd-dy-shape": ("cl_apply_backward", _set(a0=_empty(2, 5, 1)), SHAPE),
-    "bwd-a-short": ("cl_apply_backward", _set(a4=np.ones(2)), COEFFS),
-    "bwd-c-short": ("cl_apply_backward", _set(a6=np.ones(2)), COEFFS),
-    "bwd-period-2": ("cl_apply_backward", _set(a7=2), PERIOD),
-    "bwd-period-9": ("cl_apply_backward", _set(a7=9), PERIOD),
-    "group-G-zero": ("cl_group_forward", _set(a2=0), GROUPS),
-    "group-G-not-dividing-C": ("cl_group_forward", _set(a2=2), GROUPS),
-    "group-y-shape": ("cl_group_forward", _set(a1=_empty(2, 5, 6)), SHAPE),
-    "group-weight-short": ("cl_group_forward", _set(a3=np.ones(2)), COEFFS),
-    "group-bias-short": ("cl_group_forward", _set(a4=np.ones(2)), COEFFS),
-    "group-row-mean-short": ("cl_group_forward", _set(a6=_empty(5)), PER_ROW),
-    "group-row-m2-long": ("cl_group_forward", _set(a7=_empty(12)), PER_ROW),
-    "group-mean-per-channel": ("cl_group_forward", _set(a8=_empty(6)), PER_GROUP),
-    "group-m2-short": ("cl_group_forward", _set(a9=_empty(1)), PER_GROUP),
-    "group-rstd-long": ("cl_group_forward", _set(a10=_empty(3)), PER_GROUP),
-    "group-no-positions": ("cl_group_forward", _set(a0=_empty(2, 0, 3), a1=_empty(2, 0, 3)), NO_POS),
-}
-
-
-def test_valid_arguments_pass():
-    """The baseline of INVALID: with every argument right, no kernel raises; and a period
-    between C and N * C that divides N * C (2C with N = 4) is accepted."""
-    for name, (fn, args) in _valid_args().items():
-        fn(*args)
-        fn(*args, n_threads=2)
-    x = np.ones((4, 3, 2))
-    cl_apply(x, x, np.ones(4), np.ones(4), np.ones(4), 4)
-
-
-@pytest.mark.parametrize("case", list(INVALID))
-def test_invalid_arguments_raise_value_error(case):
-    name, mutate, match = INVALID[case]
-    fn, args = _valid_args()[name]
-    mutate(args)
-    with pytest.raises(ValueError, match=match):
-        fn(*args)
+def test_plan_refuses_given_statistics_for_groups(dtype):
+    """Given statistics are per channel: a plan over groups of channels would ignore them."""
+    shape = (2, 3, 4)
+    x = np.ones(shape, dtype)
+    plan = plan_for(shape, 2, 1)
+    with pytest.raises(ValueError, match="per-channel plan"):
+        plan.forward(x, np.ones(4), np.zeros(4), EPS, np.zeros(4), np.ones(4))
+    with pytest.raises(ValueError, match="per-channel plan"):
+        plan.backward(x, x, np.zeros(4), np.ones(4), np.ones(4), False)
 
 
 # ============================================================================ 4. determinism
@@ -722,79 +580,45 @@ def assert_same_bits(results):
             assert bits(a) == bits(b), f"output {i}: {n0} and {n} threads differ"
 
 
-def _kernel_outputs(x, dy, n_threads):
+def _plan_outputs(x, dy, n_threads):
+    """Every grouping's forward and backward (and given statistics per channel), and whether
+    each consecutive-channel plan ran one sample per task."""
     N, L, C = x.shape
-    out = []
-    mean, m2 = np.empty(N * C), np.empty(N * C)
-    cl_moments(x, mean, m2, n_threads)
-    out += [mean, m2]
     rng = np.random.default_rng(20)
-    for period in (C, N * C):
-        center, a, b, c = (rng.standard_normal(period) for _ in range(4))
-        s, t = np.empty(N * C), np.empty(N * C)
-        cl_grad_sums(x, dy, center, period, s, t, n_threads)
-        y = np.empty_like(x)
-        cl_apply(x, y, center, a, b, period, n_threads)
-        dx = np.empty_like(x)
-        cl_apply_backward(dy, x, dx, center, a, b, c, period, n_threads)
-        out += [s, t, y, dx]
     weight, bias = group_params(rng, C)
-    for G in (1, C // 2 if C % 2 == 0 else 1, C):
-        y = np.empty_like(x)
-        stats = [np.empty(N * C), np.empty(N * C)] + [np.empty(N * G) for _ in range(3)]
-        cl_group_forward(x, y, G, weight, bias, EPS, *stats, n_threads)
-        out += [y, *stats]
-    return out
+    out, sample_tasks = [], []
+    for G in (0, 1, C // 2 if C % 2 == 0 else 1, C):
+        plan = plan_for(x.shape, G, n_threads)
+        y, stats = plan.forward(x, weight, bias, EPS)
+        dx, grads = plan.backward(x, dy, stats[0], stats[2], weight, True)
+        out += [y, stats, dx, grads]
+        if G:
+            sample_tasks.append(plan.sample_tasks)
+    plan = plan_for(x.shape, 0, n_threads)
+    y, stats = plan.forward(x, weight, bias, EPS, rng.standard_normal(C), rng.uniform(0.5, 2, C))
+    dx, grads = plan.backward(x, dy, stats[0], stats[2], weight, False)
+    return out + [y, stats, dx, grads], sample_tasks
 
 
 # (N, L, C) over PARALLEL_MIN: several chunks with a tail; one sample (threads over its
-# chunks only); many short samples (one chunk each); C odd.
-DET_SHAPES = [(3, 700, 40), (1, 2100, 33), (40, 70, 24), (2, 1100, 31)]
+# chunks only); many short samples (one chunk each); C odd; N = 2 and 3 (separate passes at 3
+# threads, one sample per task at 1 and 2).
+DET_SHAPES = [(3, 700, 40), (1, 2100, 33), (40, 70, 24), (2, 1100, 31), (3, 2 * CHUNK + 188, 48)]
 
 
 @pytest.mark.parametrize("shape", DET_SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kernels_same_bits_any_threads(dtype, shape):
+def test_plan_same_bits_any_threads(dtype, shape):
     assert np.prod(shape) >= PARALLEL_MIN
     rng = np.random.default_rng(21)
     x = make(rng, shape, dtype, loc=3.0, spread=2.0)
     dy = make(rng, shape, dtype)
-    assert_same_bits({n: _kernel_outputs(x, dy, n) for n in (1, 2, 3)})
-
-
-def _group_separate(x, G, weight, bias, eps, n_threads):
-    """cl_group_forward's outputs from its steps run one after the other (as
-    grouped._forward_channels_last's non-fused path)."""
-    N, L, C = x.shape
-    k = C // G
-    row_mean, row_m2 = np.empty(N * C), np.empty(N * C)
-    cl_moments(x, row_mean, row_m2, n_threads)
-    if k == 1:
-        mean, m2 = row_mean, row_m2
-    else:
-        mean, m2 = np.empty(N * G), np.empty(N * G)
-        merge_moments(row_mean, row_m2, L, N * G, k, 1, mean, m2)
-    rstd = 1.0 / np.sqrt(np.maximum(m2 / (k * L), 0.0) + eps)
-    y = np.empty_like(x)
-    cl_apply(x, y, np.repeat(mean, k), np.repeat(rstd, k) * np.tile(weight, N), np.tile(bias, N), N * C, n_threads)
-    return [y, row_mean, row_m2, mean, m2, rstd]
-
-
-@pytest.mark.parametrize("n_threads", [1, 3])
-@pytest.mark.parametrize("shape", DET_SHAPES + [(2, 5, 6), (3, 2 * CHUNK + 188, 8)], ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_group_forward_fused_equals_separate_steps(dtype, shape, n_threads):
-    N, L, C = shape
-    rng = np.random.default_rng(22)
-    x = make(rng, shape, dtype, loc=7.0, spread=3.0)
-    weight, bias = group_params(rng, C)
-    for G in sorted({1, C // 2 if C % 2 == 0 else 1, C}):
-        y = np.empty_like(x)
-        fused = [y, np.empty(N * C), np.empty(N * C)] + [np.empty(N * G) for _ in range(3)]
-        cl_group_forward(x, y, G, weight, bias, EPS, *fused[1:], n_threads)
-        separate = _group_separate(x, G, weight, bias, EPS, n_threads)
-        for name, p, q in zip(("y", "row_mean", "row_m2", "mean", "m2", "rstd"), fused, separate):
-            assert same_bits(p, q), f"G={G}: {name} of cl_group_forward != the separate steps"
+    results = {}
+    for n in (1, 2, 3):
+        results[n], sample_tasks = _plan_outputs(x, dy, n)
+        # the way consecutive-channel groups ran: one sample per task unless fewer samples than threads
+        assert sample_tasks == [shape[0] >= n] * len(sample_tasks)
+    assert_same_bits(results)
 
 
 def _layer_run(factory, a, g, mode):
@@ -842,9 +666,9 @@ def test_layer_same_bits_any_threads(name, dtype, cl_calls):
     for n in (1, 2, 3):
         nc.set_num_threads(n)
         try:
-            before = cl_calls["cl_group_forward"]
+            cl_calls.cl_plans.clear()
             results[n] = [np.array(r, copy=True) for r in _layer_run(lambda: factory(dtype), a, g, mode)]
-            fused[n] = cl_calls["cl_group_forward"] > before
+            fused[n] = any(p.sample_tasks for p in cl_calls.cl_plans)
         finally:
             nc.set_num_threads(None)
     # The path taken: fused for InstanceNorm / GroupNorm in training when N >= threads.
