@@ -4,9 +4,9 @@ import math
 import numpy as np
 
 from normcore import docstrings, grouped
-from normcore._kernels.engine import running_values
+from normcore._kernels.engine import commit_running, running_values
 from normcore.channel_norm import ChannelNorm, ForwardRecord
-from normcore.module import check_writeable, write_arrays
+from normcore.module import write_arrays
 from normcore.registry import register_norm
 from normcore.threads import get_num_threads
 from normcore.validation import as_float_array
@@ -46,7 +46,7 @@ def batch_norm_forward(x, running_mean, running_var, weight, bias, batch_stats, 
     y, saved, stats = grouped.forward(x, g, weight, bias, eps, n_threads)
     new = None
     if running_mean is not None:
-        new = running_values(running_mean, running_var, stats.mean, stats.m2, factor, N * L)
+        new = running_values(running_mean, running_var, stats[0], stats[1], factor, N * L)
     return y, ForwardRecord(saved, x.shape, x.dtype, C), new
 
 
@@ -54,23 +54,17 @@ def commit_training_step(layer, count, new):
     """Write a training step's num_batches_tracked (count) and, unless `new` is None, its
     running statistics (float64 (2, C): mean, var) into `layer`, all or none as write_arrays
     does: every buffer is checked writeable and the statistics are cast to the buffers' dtype
-    (which may warn, an error under warnings-as-errors) before the first write. In fewer
-    operations than write_arrays (one cast for both buffers), since every training call does it;
-    write_arrays itself for buffers that are not the usual pair of one dtype and shape (C,)."""
+    (which may warn, an error under warnings-as-errors) before the first write. The usual
+    buffers (writeable float32 / float64 (C,) of one dtype, no overflow) are written in one
+    compiled call (commit_running), since every training call does it; write_arrays for the
+    rest, which also raises the errors and warnings."""
     nbt, rm, rv = layer.num_batches_tracked, layer.running_mean, layer.running_var
-    if new is None or rm.dtype != rv.dtype or rm.shape != new.shape[1:] or rv.shape != rm.shape:
-        updates = [("num_batches_tracked", nbt, count)]
-        if new is not None:
-            updates += [("running_mean", rm, new[0]), ("running_var", rv, new[1])]
-        write_arrays(updates)
+    if new is not None and commit_running(nbt, count, rm, rv, new):
         return
-    for name, buffer in (("num_batches_tracked", nbt), ("running_mean", rm), ("running_var", rv)):
-        if not buffer.flags.writeable:
-            check_writeable(name, buffer)  # raises
-    values = new.astype(rm.dtype)
-    nbt[...] = count
-    rm[...] = values[0]
-    rv[...] = values[1]
+    updates = [("num_batches_tracked", nbt, count)]
+    if new is not None:
+        updates += [("running_mean", rm, new[0]), ("running_var", rv, new[1])]
+    write_arrays(updates)
 
 
 class _BatchNorm(ChannelNorm):

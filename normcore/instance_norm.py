@@ -42,8 +42,8 @@ def instance_norm_forward(x, running_mean, running_var, weight, bias, use_input_
         _constant_instances_to_bias(y, saved, stats, bias)
     new = None
     if running_mean is not None:
-        mean = stats.row_mean.reshape(N, C).mean(axis=0)
-        var = (stats.row_m2 / (L - 1)).reshape(N, C).mean(axis=0)
+        mean = stats[0].reshape(N, C).mean(axis=0)
+        var = (stats[1] / (L - 1)).reshape(N, C).mean(axis=0)
         new = (updated_running(running_mean, mean, momentum), updated_running(running_var, var, momentum))
     return y, ForwardRecord(saved, x.shape, x.dtype, C), new
 
@@ -52,7 +52,7 @@ def _constant_instances_to_bias(y, saved, stats, bias):
     """eps = 0: an instance of variance 0 gets rstd = 0, so y = bias and zero gradients, as PyTorch
     (its instance norm runs batch norm's training kernel, whose 1 / sqrt(var + eps) is 0 where
     var + eps is 0) rather than 0 * inf = NaN. Writes y and the saved rstd in place."""
-    constant = stats.m2 == 0.0
+    constant = stats[1] == 0.0
     if not constant.any():
         return
     saved.rstd[constant] = 0.0

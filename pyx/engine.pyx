@@ -22,7 +22,7 @@ channels is window_forward and window_backward.
 """
 cimport numpy as cnp
 import numpy as np
-from libc.math cimport NAN
+from libc.math cimport NAN, isinf
 from libc.stdlib cimport free, malloc
 
 cnp.import_array()
@@ -74,6 +74,23 @@ cdef cnp.ndarray as_vector(object v, Py_ssize_t n):
     return np.ascontiguousarray(v, dtype=np.float64).reshape(n)
 
 
+cdef cnp.ndarray vector_copy(object v, Py_ssize_t n, double fill):
+    """A new C-contiguous float64 array of n values: v's (as_vector), or `fill` when v is None."""
+    cdef cnp.npy_intp dim = n
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT64, 0)
+    cdef double* o = f64(out)
+    cdef cnp.ndarray a
+    cdef Py_ssize_t i
+    if v is None:
+        for i in range(n):
+            o[i] = fill
+        return out
+    a = as_vector(v, n)
+    for i in range(n):
+        o[i] = element(a, i)
+    return out
+
+
 cdef class Plan:
     """How one input shape is normalised: the grouping (N, C, L, outer, k, inner), the layout
     (NCHW rows [N*C, L], or channels-last [N, L, C]) and the thread count. Built once per layer,
@@ -110,12 +127,14 @@ cdef class Plan:
         return (self.channels_last and not self.per_channel
                 and cl_sample_tasks(self.N, self.n_threads, use_threads(self.n_threads, self.N * self.C * self.L)))
 
-    def forward(self, cnp.ndarray x, cnp.ndarray weight, object bias, double eps, object given_mean=None,
+    def forward(self, cnp.ndarray x, object weight, object bias, double eps, object given_mean=None,
                 object given_var=None):
-        """(y, stats) for x: rows [N*C, L] (channels-last: [N, L, C]), C-contiguous float32 or
-        float64; weight float64 [C]
-        C-contiguous; bias None (zeros) or C values of any dtype (read in place when float32 or
-        float64, any stride, else converted: the layers pass their own parameter). With
+        """(y, stats, weight64) for x: C-contiguous float32 or float64 of N*C*L values, of any
+        shape whose memory is rows [N*C, L] (NCHW: (N, C, *) itself) or, for a channels-last
+        plan, [N, L, C]; y has x's shape. weight and bias: None (ones, zeros) or C values of
+        any dtype (read in place when float32 or float64, any stride, else converted: the
+        layers pass their own parameters); weight64 is the weight the forward used, a new
+        float64 array [C] (what the backward takes: the parameter may change in between). With
         given_mean and given_var (per channel, any float dtype; a per-channel plan), those
         statistics: rstd = 1 / sqrt(var + eps), NaN where var + eps is negative, as PyTorch;
         else the statistics of x."""
@@ -123,7 +142,7 @@ cdef class Plan:
             raise ValueError("given statistics take a per-channel plan")
         cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
         cdef cnp.ndarray stats = float64_matrix(3, self.G)
-        cdef const double* w = f64(weight)
+        cdef cnp.ndarray w64 = vector_copy(weight, self.C, 1.0)
         cdef Py_ssize_t c
         cdef cnp.ndarray bv
         cdef double* b = <double*>malloc(self.C * sizeof(double))
@@ -137,10 +156,10 @@ cdef class Plan:
             for c in range(self.C):
                 b[c] = element(bv, c)
         try:
-            self._forward(x, y, stats, w, b, eps, given_mean, given_var)
+            self._forward(x, y, stats, f64(w64), b, eps, given_mean, given_var)
         finally:
             free(b)
-        return y, stats
+        return y, stats, w64
 
     cdef int _forward(self, cnp.ndarray x, cnp.ndarray y, cnp.ndarray stats, const double* w, const double* b,
                       double eps, object given_mean, object given_var) except -1:
@@ -198,8 +217,8 @@ cdef class Plan:
     def backward(self, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean_, cnp.ndarray rstd_, cnp.ndarray weight,
                  bint batch_stats):
         """(dx, grads) for the forward of x whose group means and rstd (float64 [G], rows 0 and 2
-        of its statistics) are mean_ and rstd_, with the float64 weight [C] it used; dy
-        C-contiguous like x. grads: float64 (2, C), dweight then dbias."""
+        of its statistics) are mean_ and rstd_, with the weight64 it returned; dy C-contiguous
+        with x's number of values, dx of x's shape. grads: float64 (2, C), dweight then dbias."""
         cdef cnp.ndarray dx = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
         cdef cnp.ndarray grads = float64_matrix(2, self.C)
         cdef double* dweight = f64(grads)
@@ -269,6 +288,54 @@ def running_values(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarra
         out[c] = keep * element(running_mean, c) + factor * mean[c]
         out[C + c] = keep * element(running_var, c) + factor * (m2[c] / (count - 1.0))
     return new
+
+
+cdef inline bint is_running_buffer(cnp.ndarray a, Py_ssize_t C) noexcept:
+    """A writeable 1-D float32 or float64 array of C values, aligned, in native byte order (any
+    stride)."""
+    return (cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_DIM(a, 0) == C and cnp.PyArray_ISWRITEABLE(a)
+            and cnp.PyArray_ISNOTSWAPPED(a) and cnp.PyArray_ISALIGNED(a)
+            and (cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 or cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64))
+
+
+def commit_running(cnp.ndarray num_batches_tracked, long long count, cnp.ndarray running_mean,
+                   cnp.ndarray running_var, cnp.ndarray new):
+    """A BatchNorm training step's state, written in place all or none: num_batches_tracked (a
+    writeable 0-d int64 array) = count, running_mean and running_var (is_running_buffer, one
+    dtype) = new[0] and new[1] (running_values' float64 (2, C)) cast to their dtype. True when
+    written. False, with nothing written, for any other kind of buffer or when a cast to float32
+    would overflow (NumPy's cast would warn): the caller then takes write_arrays' path, which
+    checks, casts and warns as NumPy does."""
+    cdef Py_ssize_t C = cnp.PyArray_DIM(new, 1), i
+    cdef const double* v = f64(new)
+    cdef float f
+    if not (is_running_buffer(running_mean, C) and is_running_buffer(running_var, C)
+            and cnp.PyArray_TYPE(running_mean) == cnp.PyArray_TYPE(running_var)
+            and cnp.PyArray_NDIM(num_batches_tracked) == 0 and cnp.PyArray_TYPE(num_batches_tracked) == cnp.NPY_INT64
+            and cnp.PyArray_ISWRITEABLE(num_batches_tracked) and cnp.PyArray_ISNOTSWAPPED(num_batches_tracked)
+            and cnp.PyArray_ISALIGNED(num_batches_tracked)):
+        return False
+    if is_float32(running_mean):
+        for i in range(2 * C):
+            f = <float>v[i]
+            if isinf(f) and not isinf(v[i]):
+                return False
+    (<cnp.int64_t*>cnp.PyArray_DATA(num_batches_tracked))[0] = count
+    write_vector(running_mean, v, C)
+    write_vector(running_var, v + C, C)
+    return True
+
+
+cdef void write_vector(cnp.ndarray a, const double* v, Py_ssize_t n) noexcept:
+    """a[i] = v[i] cast to a's dtype (a 1-D float32 or float64 array of any stride)."""
+    cdef char* p = <char*>cnp.PyArray_DATA(a)
+    cdef Py_ssize_t stride = cnp.PyArray_STRIDE(a, 0), i
+    if is_float32(a):
+        for i in range(n):
+            (<float*>(p + i * stride))[0] = <float>v[i]
+    else:
+        for i in range(n):
+            (<double*>(p + i * stride))[0] = v[i]
 
 
 def rows_forward(cnp.ndarray x, object weight, object bias, double eps, int n_threads):

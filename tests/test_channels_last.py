@@ -453,7 +453,7 @@ def test_plan_forward(dtype, shape, n_threads):
     weight, bias = group_params(rng, C)
     for G in groupings(C):
         want_mean, want_m2, want_rstd, want, mag, terms, xmax = np_forward(x, G, weight, bias, EPS)
-        y, stats = plan_for(shape, G, n_threads).forward(x, weight, bias, EPS)
+        y, stats, _w = plan_for(shape, G, n_threads).forward(x, weight, bias, EPS)
         assert y.dtype == dtype and y.shape == shape and stats.shape == (3, want_mean.size)
         assert_within(stats[0], want_mean, xmax, RTOL_SUM, f"mean G={G}")
         assert_within(stats[1], want_m2, want_m2, RTOL_SUM, f"M2 G={G}")
@@ -477,7 +477,7 @@ def test_plan_backward(dtype, shape, n_threads):
     weight, bias = group_params(rng, C)
     for G in groupings(C):
         plan = plan_for(shape, G, n_threads)
-        _, stats = plan.forward(x, weight, bias, EPS)
+        _, stats, _w = plan.forward(x, weight, bias, EPS)
         dx, grads = plan.backward(x, dy, stats[0], stats[2], weight, True)
         want, mag, dw, db = np_backward(x, dy, G, weight, stats[0], stats[2], True)
         assert dx.dtype == dtype and dx.shape == shape and grads.shape == (2, C)
@@ -486,7 +486,7 @@ def test_plan_backward(dtype, shape, n_threads):
         assert_close(grads[0], dw, np.float64, f"dweight G={G}")
     plan = plan_for(shape, 0, n_threads)
     mean, var = rng.standard_normal(C), rng.uniform(0.5, 2.0, C)
-    _, stats = plan.forward(x, weight, bias, EPS, mean, var)
+    _, stats, _w = plan.forward(x, weight, bias, EPS, mean, var)
     assert np.array_equal(stats[0], mean)
     dx, grads = plan.backward(x, dy, stats[0], stats[2], weight, False)
     want, _, dw, db = np_backward(x, dy, 0, weight, stats[0], stats[2], False)
@@ -507,7 +507,7 @@ def test_plan_forward_given_statistics(dtype, loc):
     x = make(rng, shape, dtype, loc=loc, spread=3.0)
     weight, bias = group_params(rng, C)
     mean, var = loc + 0.3 + rng.standard_normal(C), rng.uniform(0.2, 3.0, C)
-    y, stats = plan_for(shape, 0, 1).forward(x, weight, bias, EPS, mean, var)
+    y, stats, _w = plan_for(shape, 0, 1).forward(x, weight, bias, EPS, mean, var)
     scale = weight / np.sqrt(var + EPS)
     t = (f64(x) - mean) * scale
     assert np.array_equal(stats[0], mean) and np.array_equal(stats[1], var + EPS)
@@ -520,7 +520,7 @@ def test_plan_large_mean_float32(L):
     """x = 1e4 + N(0, 1) in float32: the variance of each (n, c) to 1e-10 relative."""
     shape = (2, L, 3)
     x = make(np.random.default_rng(11), shape, np.float32, loc=1e4)
-    _, stats = plan_for(shape, 3, 1).forward(x, np.ones(3), np.zeros(3), EPS)
+    _, stats, _w = plan_for(shape, 3, 1).forward(x, np.ones(3), np.zeros(3), EPS)
     want_mean, want_m2, *_ = np_forward(x, 3, np.ones(3), np.zeros(3), EPS)
     assert np.all(np.abs(stats[1] - want_m2) < 1e-10 * want_m2), (stats[1], want_m2)
     assert np.all(np.abs(stats[0] - want_mean) < 1e-14 * 1e4), (stats[0], want_mean)
@@ -538,10 +538,10 @@ def test_plan_non_finite_confined(dtype, pos, bad):
     x = make(np.random.default_rng(12), shape, dtype, loc=1.0)
     plan = plan_for(shape, C, 1)
     w, b = np.ones(C), np.zeros(C)
-    y0, clean = plan.forward(x, w, b, EPS)
+    y0, clean, _w = plan.forward(x, w, b, EPS)
     x[1, pos, 3] = bad
     with np.errstate(invalid="ignore"):
-        y1, got = plan.forward(x, w, b, EPS)
+        y1, got, _w = plan.forward(x, w, b, EPS)
     i = 1 * C + 3
     assert np.isnan(got[1, i]), f"M2 of a column holding {bad} is {got[1, i]}"
     assert np.all(np.isnan(y1[1, :, 3]))
@@ -589,13 +589,13 @@ def _plan_outputs(x, dy, n_threads):
     out, sample_tasks = [], []
     for G in (0, 1, C // 2 if C % 2 == 0 else 1, C):
         plan = plan_for(x.shape, G, n_threads)
-        y, stats = plan.forward(x, weight, bias, EPS)
+        y, stats, _w = plan.forward(x, weight, bias, EPS)
         dx, grads = plan.backward(x, dy, stats[0], stats[2], weight, True)
         out += [y, stats, dx, grads]
         if G:
             sample_tasks.append(plan.sample_tasks)
     plan = plan_for(x.shape, 0, n_threads)
-    y, stats = plan.forward(x, weight, bias, EPS, rng.standard_normal(C), rng.uniform(0.5, 2, C))
+    y, stats, _w = plan.forward(x, weight, bias, EPS, rng.standard_normal(C), rng.uniform(0.5, 2, C))
     dx, grads = plan.backward(x, dy, stats[0], stats[2], weight, False)
     return out + [y, stats, dx, grads], sample_tasks
 

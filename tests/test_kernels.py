@@ -30,7 +30,7 @@ import pytest
 from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
 from normcore._kernels.combine import merge_moments, sum_groups
 from normcore._kernels.engine import (FUSED_MIN_CHANNELS, SHORT_ROW, Plan, channel_backward, channel_forward,
-                                      group_backward, group_forward, running_values)
+                                      commit_running, group_backward, group_forward, running_values)
 from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
 from normcore._kernels.engine import layer_backward, layer_forward
 from normcore._kernels.moments import row_moments
@@ -1226,7 +1226,8 @@ def test_plan_gives_the_bits_of_its_kernels(N, C, L, k, dtype, n_threads):
     w, b = rng.standard_normal(C), rng.standard_normal(C)
     G = C if k == 0 else N * C // k
     plan = Plan(N, C, L, 1, N, C, n_threads) if k == 0 else Plan(N, C, L, N * C // k, k, 1, n_threads)
-    y, stats = plan.forward(x, w, b, 1e-5)
+    y, stats, w64 = plan.forward(x, w, b, 1e-5)
+    assert w64.dtype == np.float64 and np.array_equal(w64, w) and not np.shares_memory(w64, w)
     assert stats.shape == (3, G) and y.dtype == x.dtype and y.shape == x.shape
     y_k, mean, m2, rstd = np.empty_like(x), np.empty(G), np.empty(G), np.empty(G)
     if k == 0:
@@ -1268,8 +1269,8 @@ def test_plan_with_given_statistics_is_torch_s_rule(running_dtype):
     w, b = np.array([1.0, 2.0, 3.0, 4.0]), np.zeros(C)
     plan = Plan(N, C, L, 1, N, C, 1)
     eps = 1e-3
-    y, stats = plan.forward(x, w, b, eps, mean, var)
-    y_swapped, stats_swapped = plan.forward(x, w, b, eps, mean.astype(mean.dtype.newbyteorder()),
+    y, stats, _ = plan.forward(x, w, b, eps, mean, var)
+    y_swapped, stats_swapped, _ = plan.forward(x, w, b, eps, mean.astype(mean.dtype.newbyteorder()),
                                             var.astype(var.dtype.newbyteorder()))
     np.testing.assert_array_equal(y_swapped, y)
     np.testing.assert_array_equal(stats_swapped, stats)
@@ -1317,3 +1318,36 @@ def test_running_values_are_numpy_s_update_bit_for_bit(dtype):
     expected_mean = (1.0 - factor) * rm.astype(np.float64) + factor * mean
     expected_var = (1.0 - factor) * rv.astype(np.float64) + factor * (m2 / (count - 1))
     np.testing.assert_array_equal(new, np.stack([expected_mean, expected_var]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_commit_running_writes_numpy_s_cast_or_nothing(dtype):
+    """The usual buffers (strided ones too) get new cast as NumPy casts it and the count; any
+    other kind, or a float32 cast that would overflow, is refused with nothing written."""
+    rng = np.random.default_rng(4)
+    C = 5
+    new = np.stack([rng.standard_normal(C), rng.random(C) * 3])
+    nbt, rm, rv = np.zeros((), np.int64), np.zeros(2 * C, dtype)[::2], np.ones(C, dtype)
+    assert commit_running(nbt, 7, rm, rv, new)
+    assert int(nbt) == 7
+    np.testing.assert_array_equal(rm, new[0].astype(dtype))
+    np.testing.assert_array_equal(rv, new[1].astype(dtype))
+
+    def refused(nbt, rm, rv, new):
+        before = [np.array(a, copy=True) for a in (nbt, rm, rv)]
+        assert not commit_running(nbt, 9, rm, rv, new)
+        for a, b in zip((nbt, rm, rv), before):
+            np.testing.assert_array_equal(a, b)
+
+    other = np.float64 if dtype == np.float32 else np.float32
+    refused(nbt, rm, rv.astype(other), new)                               # two dtypes
+    refused(nbt.astype(np.int32), rm, rv, new)                            # not int64
+    refused(nbt, rm.astype(rm.dtype.newbyteorder()), rv, new)             # byte-swapped
+    refused(nbt, rm[:-1], rv, new)                                        # C - 1 values
+    frozen = rv.copy()
+    frozen.setflags(write=False)
+    refused(nbt, rm, frozen, new)                                         # read-only
+    if dtype == np.float32:
+        refused(nbt, rm, rv, np.stack([new[0], np.full(C, 1e39)]))        # the cast overflows
+        assert commit_running(nbt, 9, rm, rv, np.stack([new[0], np.full(C, np.inf)]))  # inf casts to inf
+        assert np.isinf(rv).all()
