@@ -159,18 +159,37 @@ def plan_of(grouping, n_threads, channels_last=False):
     return plan
 
 
-def backward(dy, saved, n_threads):
+def moments(x, grouping, n_threads):
+    """Per-channel (mean, M2) of x (N, C, *), non-empty, over a per-channel `grouping`:
+    float64 (2, C), the reduce and combine of forward() without the apply."""
+    x2, cl = rows_of(x, grouping)
+    return plan_of(grouping, n_threads, cl).moments(x2)
+
+
+def _dy_rows(dy, saved):
+    """dy as the engine reads it for the backward of `saved`: in the layout of its x (a copy
+    only if dy is not)."""
+    if saved.channels_last:
+        return np.ascontiguousarray(np.moveaxis(dy, 1, -1)).reshape(saved.x2.shape)
+    return np.ascontiguousarray(dy)
+
+
+def grad_sums(dy, saved, n_threads):
+    """Per channel sum(dy) and sum(dy * (x - mean)) for the forward that produced `saved` (a
+    per-channel grouping): float64 (2, C), the reduce of backward()."""
+    plan = plan_of(saved.grouping, n_threads, saved.channels_last)
+    return plan.grad_sums(saved.x2, _dy_rows(dy, saved), saved.mean)
+
+
+def backward(dy, saved, n_threads, sums=None, count=0.0):
     """dx, dweight, dbias (float64 per channel) for the forward that produced `saved`: one call
-    of the engine (gradient sums, combine and apply), in the layout of that forward's x."""
-    g = saved.grouping
-    x2 = saved.x2
-    cl = saved.channels_last
-    if cl:
-        # channels-last forward: dy in the same layout (a copy only if dy is not)
-        dy2 = np.ascontiguousarray(np.moveaxis(dy, 1, -1)).reshape(x2.shape)
-    else:
-        dy2 = np.ascontiguousarray(dy)
-    plan = plan_of(g, n_threads, cl)
-    dx2, grads = plan.backward(x2, dy2, saved.mean, saved.rstd, saved.weight, saved.batch_stats)
-    dx = channels_last_like(dx2, saved.shape) if cl else dx2.reshape(saved.shape)
+    of the engine (gradient sums, combine and apply), in the layout of that forward's x.
+
+    sums, count: the gradient sums (grad_sums' (2, C)) and number of values of a batch of
+    which x is a slice, for its combine and apply on this slice (SyncBatchNorm); dweight and
+    dbias are then that batch's."""
+    plan = plan_of(saved.grouping, n_threads, saved.channels_last)
+    dx2, grads = plan.backward(saved.x2, _dy_rows(dy, saved), saved.mean, saved.rstd, saved.weight,
+                               saved.batch_stats, sums, count)
+    dx = channels_last_like(dx2, saved.shape) if saved.channels_last else dx2.reshape(saved.shape)
     return dx, grads[0], grads[1]

@@ -1,12 +1,15 @@
 """SyncBatchNorm: BatchNorm whose training statistics are those of the whole batch, held in
 slices by the processes of an MPI communicator (data-parallel training).
 
-Forward, in training: each rank computes per-channel (count, mean, M2) of its slice (one pass
-of the row-moments kernel, then Chan's merge over its rows); one collective gathers them, and
-every rank merges the ranks' statistics in rank order with Chan's formula, so every rank holds
-bitwise the same global mean and variance; then the usual apply. Backward: per-channel
-(sum dy, sum dy * (x - mean)) of each slice, gathered and summed in rank order the same way;
-the parameter gradients are the global sums, identical on every rank.
+Forward, in training: each rank computes per-channel (count, mean, M2) of its slice
+(BatchNorm's reduce and combine: the engine's Plan.moments); one collective gathers them, and
+every rank merges the ranks' statistics in rank order with the engine's Chan merge
+(merge_in_order), so every rank holds bitwise the same global mean and variance; then
+BatchNorm's apply with those statistics. Backward: per-channel (sum dy, sum dy * (x - mean)) of
+each slice (Plan.grad_sums), gathered and summed in rank order the same way; then BatchNorm's
+combine and apply from those global sums (Plan.backward with given sums). The parameter
+gradients are the global sums, identical on every rank. No step of the layer is written here a
+second time: channels-last slices are read in place, as by BatchNorm.
 
 The collective is an Allgather of each rank's 2*C + 2 numbers (a flag, the count, C means, C M2s;
 backward a flag and 2*C sums), not an Allreduce: the rank-order merge is then done by each rank
@@ -26,10 +29,13 @@ import math
 
 import numpy as np
 
-from normcore import docstrings, toolkit
-from normcore.batch_norm import _BATCH_NORM_ATTRIBUTES, _BATCH_NORM_PARAMETERS, _BatchNorm, check_training_eps
+from normcore import docstrings, grouped
+from normcore._kernels.engine import merge_in_order, running_values
+from normcore.batch_norm import (_BATCH_NORM_ATTRIBUTES, _BATCH_NORM_PARAMETERS, _BatchNorm, check_training_eps,
+                                 commit_training_step)
 from normcore.channel_norm import ChannelNorm
 from normcore.module import check_writeable, write_arrays
+from normcore.threads import get_num_threads
 from normcore.registry import register_norm
 from normcore.validation import as_float_array, check_grad_output
 
@@ -48,33 +54,26 @@ def _mpi():
 
 
 def merge_in_rank_order(counts, means, m2s):
-    """Chan's merge of per-rank (count, mean[C], M2[C]), rank 0 first: (count, mean, M2)."""
-    n = 0.0
-    mean = np.zeros(means.shape[1])
-    m2 = np.zeros(means.shape[1])
-    for n_b, mean_b, m2_b in zip(counts, means, m2s):
-        if n_b == 0:
-            continue
-        total = n + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + m2_b + delta * delta * (n * n_b / total)
-        n = total
-    return n, mean, m2
+    """Chan's merge of per-rank (count, mean[C], M2[C]), rank 0 first: (count, mean, M2). The
+    engine's combine (merge_in_order), the one every grouping uses."""
+    f64 = np.ascontiguousarray
+    return merge_in_order(f64(counts, dtype=np.float64), f64(means, dtype=np.float64), f64(m2s, dtype=np.float64))
 
 
-def _rows_view(a):
-    """(N, C) as (N, C, 1): the toolkit's (N, C, *) rows."""
-    return a if a.ndim > 2 else a[:, :, None]
+def _grouping(x):
+    """The per-channel grouping of a slice x (N, C, *): BatchNorm's."""
+    return grouped.channel_grouping(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
 
 
 class SyncRecord:
-    """What a synchronised training forward keeps for backward."""
+    """What a synchronised training forward keeps for backward: the engine's record of this
+    slice's forward (grouped.Saved, None for an empty slice), the shape and dtype dy must have,
+    the global statistics and count, and the weight used (float64)."""
 
-    __slots__ = ("x", "shape", "dtype", "mean", "rstd", "count", "weight")
+    __slots__ = ("inner", "shape", "dtype", "mean", "rstd", "count", "weight")
 
-    def __init__(self, x, shape, dtype, mean, rstd, count, weight=None):
-        self.x, self.shape, self.dtype = x, shape, dtype
+    def __init__(self, inner, shape, dtype, mean, rstd, count, weight=None):
+        self.inner, self.shape, self.dtype = inner, shape, dtype
         self.mean, self.rstd, self.count = mean, rstd, count
         self.weight = weight  # a float64 copy made at forward (backward differentiates that forward)
 
@@ -192,28 +191,30 @@ class GatheredBatchNorm(_BatchNorm):
             # the running statistics stay; backward gives zeros.
             if self.track_running_stats:
                 write_arrays([("num_batches_tracked", self.num_batches_tracked, int(self.num_batches_tracked) + 1)])
-            self._saved = SyncRecord(x, x.shape, x.dtype, None, None, 0.0)
+            self._saved = SyncRecord(None, x.shape, x.dtype, None, None, 0.0)
             return np.empty_like(x)
         if count == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {int(count)} value(s) "
                              f"per channel over the {len(gathered)} ranks (input size {x.shape} here)")
         var = m2 / count
-        rstd = 1.0 / np.sqrt(var + self.eps)
-        weight = np.ones(C) if self.weight is None else self.weight.astype(np.float64)
-        bias = 0.0 if self.bias is None else self.bias.astype(np.float64)
-        y = toolkit.apply_rows(_rows_view(x), mean, rstd * weight, bias).reshape(x.shape) if x.size \
-            else np.empty_like(x)
+        inner = None
+        if x.size:
+            # the apply with the global statistics, as given ones: rstd = 1 / sqrt(var + eps)
+            y, inner, _ = grouped.forward(x, _grouping(x), self.weight, self.bias, self.eps, get_num_threads(),
+                                          stats=(mean, var))
+            inner.batch_stats = True  # the statistics are the batch's: backward differentiates them
+            rstd, weight = inner.rstd, inner.weight
+        else:
+            y = np.empty_like(x)
+            rstd = 1.0 / np.sqrt(var + self.eps)  # the bits of the engine's
+            weight = np.ones(C) if self.weight is None else self.weight.astype(np.float64)
         # Every rank got the same statistics: commit the state.
         if self.track_running_stats:
             count_steps = int(self.num_batches_tracked) + 1
             factor = 1.0 / count_steps if self.momentum is None else self.momentum
-            unbiased = m2 / (count - 1)
-            write_arrays([
-                ("num_batches_tracked", self.num_batches_tracked, count_steps),
-                ("running_mean", self.running_mean, (1.0 - factor) * self.running_mean.astype(np.float64) + factor * mean),
-                ("running_var", self.running_var, (1.0 - factor) * self.running_var.astype(np.float64) + factor * unbiased),
-            ])
-        self._saved = SyncRecord(x, x.shape, x.dtype, mean, rstd, count, weight)
+            commit_training_step(self, count_steps,
+                                 running_values(self.running_mean, self.running_var, mean, m2, factor, count))
+        self._saved = SyncRecord(inner, x.shape, x.dtype, mean, rstd, count, weight)
         return y
 
     def _checked(self, x):
@@ -231,14 +232,12 @@ class GatheredBatchNorm(_BatchNorm):
 
     @staticmethod
     def _local_moments(x):
-        """(count, mean[C], M2[C]) of this rank's slice, rows merged with Chan's formula."""
+        """(count, mean[C], M2[C]) of this rank's slice: BatchNorm's reduce and combine."""
         N, C = x.shape[:2]
         L = math.prod(x.shape[2:])
-        if N * L == 0:
+        if x.size == 0:
             return 0.0, np.zeros(C), np.zeros(C)
-        row_mean, row_m2 = toolkit.row_moments(_rows_view(x))
-        mean = row_mean.mean(axis=0)
-        m2 = row_m2.sum(axis=0) + L * ((row_mean - mean) ** 2).sum(axis=0)
+        mean, m2 = grouped.moments(x, _grouping(x), get_num_threads())
         return float(N * L), mean, m2
 
     def _raise_if_refused(self, flags, error):
@@ -262,37 +261,29 @@ class GatheredBatchNorm(_BatchNorm):
             return np.zeros(saved.shape, saved.dtype)
         error = None
         local = np.zeros(1 + 2 * C)
-        x = saved.x
         try:  # as in forward: any exception here is a refusal the other ranks hear of
             dy = check_grad_output(dy, saved.shape, saved.dtype)
-            if x.size:
-                s_dy, s_dyxc = toolkit.row_grad_sums(_rows_view(x), _rows_view(dy), saved.mean)
-                local[1:1 + C] = s_dy.sum(axis=0)
-                local[1 + C:] = s_dyxc.sum(axis=0)
+            if saved.inner is not None:
+                local[1:] = grouped.grad_sums(dy, saved.inner, get_num_threads()).ravel()
             local[0] = 1.0
         except Exception as exc:  # noqa: BLE001 - re-raised after the collective
             error = exc
         gathered = self._gather(local)
         self._raise_if_refused(gathered[:, 0], error)
-        sum_dy = np.zeros(C)
-        sum_dyxc = np.zeros(C)
+        sums = np.zeros(2 * C)
         for row in gathered:  # rank order: the same sums on every rank
-            sum_dy += row[1:1 + C]
-            sum_dyxc += row[1 + C:]
-        rstd, M = saved.rstd, saved.count
-        weight = saved.weight
-        # dx = w * rstd * (dy - mean(dy) - xhat * mean(dy * xhat)), the means over the global batch.
-        a = weight * rstd
-        b = -weight * rstd ** 3 * sum_dyxc / M
-        c = -weight * rstd * sum_dy / M
-        if x.size:
-            dx = toolkit.apply_rows_backward(_rows_view(dy), _rows_view(x), a, saved.mean, b, c).reshape(saved.shape)
+            sums += row[1:]
+        sums = sums.reshape(2, C)
+        if saved.inner is not None:
+            # the combine and apply of the whole batch's backward on this slice
+            dx, dweight, dbias = grouped.backward(dy, saved.inner, get_num_threads(), sums, saved.count)
         else:
             dx = np.zeros(saved.shape, saved.dtype)
+            dweight, dbias = sums[1] * saved.rstd, sums[0]
         if self.local_parameter_grads:  # this rank's share: (sum dy * xhat, sum dy) over its slice
-            self._store_grads({"weight": local[1 + C:] * rstd, "bias": local[1:1 + C]})
+            self._store_grads({"weight": local[1 + C:] * saved.rstd, "bias": local[1:1 + C]})
         else:
-            self._store_grads({"weight": sum_dyxc * rstd, "bias": sum_dy})
+            self._store_grads({"weight": dweight, "bias": dbias})
         return dx
 
 

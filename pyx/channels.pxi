@@ -82,44 +82,54 @@ cdef int short_row_moments(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssi
 
 
 
+cdef int channel_moments_run(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L, double* mean,
+                             double* m2, int n_threads) except -1 nogil:
+    """Per-channel (mean, M2) of x [N*C, L] C-contiguous, N*C*L > 0 (OUT: mean[C], m2[C]): the
+    reduce and combine of channel_forward_run with batch statistics."""
+    cdef Py_ssize_t R = N * C, c, n
+    cdef double s, q, d
+    cdef double stack_buf[2 * STACK_ROWS]
+    cdef double* rows = stack_buf
+    cdef bint par = use_threads(n_threads, R * L)
+    if L < NC_SHORT_ROW:
+        return short_row_moments(x, N, C, L, mean, m2, n_threads, par)
+    if R > STACK_ROWS:
+        rows = <double*>malloc(2 * R * sizeof(double))
+        if rows == NULL:
+            with gil:
+                raise MemoryError("channel moments: no memory for the row moments")
+    rows_moments(x, R, L, rows, rows + 1, 2, n_threads, par)
+    for c in range(C):
+        d = 0.0
+        s = 0.0
+        q = 0.0
+        for n in range(N):
+            nc_merge_step(&d, &s, &q, <double>L, rows[2 * (n * C + c)], rows[2 * (n * C + c) + 1])
+        mean[c] = s
+        m2[c] = q
+    if rows != stack_buf:
+        free(rows)
+    return 0
+
+
 cdef int channel_forward_run(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, Py_ssize_t L,
                              const double* weight, const double* bias, double eps, double* mean, double* m2,
                              double* rstd, bint batch_stats, int n_threads) except -1 nogil:
     """channel_forward on pointers (the engine's entry): x, y [N*C, L] C-contiguous, N*C*L > 0;
     per-channel arrays of C doubles. The caller has checked every shape."""
     cdef Py_ssize_t R = N * C
-    cdef Py_ssize_t nb = n_blocks(L), t, r, b, c, n
-    cdef double s, q, d
+    cdef Py_ssize_t nb = n_blocks(L), t, r, b, c
     cdef double stack_buf[2 * STACK_ROWS]
-    cdef double* rows = stack_buf
     cdef double* scale
     cdef bint par = use_threads(n_threads, R * L)
-    if batch_stats and L < NC_SHORT_ROW:
-        short_row_moments(x, N, C, L, mean, m2, n_threads, par)
+    if batch_stats:
+        channel_moments_run(x, N, C, L, mean, m2, n_threads)
         for c in range(C):
             rstd[c] = nc_rstd(m2[c], <double>(N * L), eps)
-    elif batch_stats:
-        if R > STACK_ROWS:
-            rows = <double*>malloc(2 * R * sizeof(double))
-            if rows == NULL:
-                with gil:
-                    raise MemoryError("channel moments: no memory for the row moments")
-        rows_moments(x, R, L, rows, rows + 1, 2, n_threads, par)
-        for c in range(C):
-            d = 0.0
-            s = 0.0
-            q = 0.0
-            for n in range(N):
-                nc_merge_step(&d, &s, &q, <double>L, rows[2 * (n * C + c)], rows[2 * (n * C + c) + 1])
-            mean[c] = s
-            m2[c] = q
-            rstd[c] = nc_rstd(q, <double>(N * L), eps)
-        if rows != stack_buf:
-            free(rows)
     else:
         for c in range(C):
             rstd[c] = nc_rstd(m2[c], 1.0, eps)
-    # the scale per channel: the first C doubles of the row buffer, no longer needed
+    # the scale per channel: on the stack for up to 2 * STACK_ROWS channels
     scale = <double*>malloc(C * sizeof(double)) if C > 2 * STACK_ROWS else stack_buf
     if scale == NULL:
         with gil:
@@ -226,9 +236,13 @@ cdef int channel_grad_sums(const floating* x, const floating* dy, Py_ssize_t N, 
 
 cdef int channel_backward_run(const floating* x, const floating* dy, floating* dx, Py_ssize_t N, Py_ssize_t C,
                               Py_ssize_t L, const double* weight, const double* mean, const double* rstd,
-                              bint batch_stats, double* dweight, double* dbias, int n_threads) except -1 nogil:
+                              bint batch_stats, double* dweight, double* dbias, const double* sums, double count,
+                              int n_threads) except -1 nogil:
     """channel_backward on pointers (the engine's entry): x, dy, dx [N*C, L] C-contiguous,
-    N*C*L > 0; per-channel arrays of C doubles. The caller has checked every shape."""
+    N*C*L > 0; per-channel arrays of C doubles. sums NULL: the gradient sums of x and dy, over
+    N*L values; else given ones (sums[0:C] sum(dy), sums[C:2C] sum(dy * (x - mean)), over
+    `count` values: a batch split over processes, SyncBatchNorm). The caller has checked every
+    shape."""
     cdef Py_ssize_t R = N * C
     cdef Py_ssize_t nb, t, r, k, p, c, per
     cdef bint blocks
@@ -240,7 +254,8 @@ cdef int channel_backward_run(const floating* x, const floating* dy, floating* d
     cdef double *sxc
     cdef const floating* xa
     cdef bint par = use_threads(n_threads, R * L)
-    if channel_in_cache(N, L, sizeof(floating)) and (not par or C >= FUSED_MIN_CHANNELS_ * n_threads):
+    if (sums == NULL and channel_in_cache(N, L, sizeof(floating))
+            and (not par or C >= FUSED_MIN_CHANNELS_ * n_threads)):
         # one channel per task, read from memory once: the bits of the passes below
         if par:
             for c in prange(C, num_threads=n_threads, schedule="static"):
@@ -258,9 +273,15 @@ cdef int channel_backward_run(const floating* x, const floating* dy, floating* d
     a, b, cc, center, sxc = coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C
     blocks = backward_blocks(N, L, sizeof(floating))
     try:
-        channel_grad_sums(x, dy, N, C, L, mean, dbias, sxc, blocks, n_threads, par)
+        if sums == NULL:
+            channel_grad_sums(x, dy, N, C, L, mean, dbias, sxc, blocks, n_threads, par)
+            count = <double>(N * L)
+        else:
+            for c in range(C):
+                dbias[c] = sums[c]
+                sxc[c] = sums[C + c]
         for c in range(C):
-            nc_channel_bwd_combine(rstd[c], weight[c], mean[c], dbias[c], sxc[c], <double>(N * L), batch_stats,
+            nc_channel_bwd_combine(rstd[c], weight[c], mean[c], dbias[c], sxc[c], count, batch_stats,
                                    &dweight[c], &a[c], &b[c], &cc[c], &center[c])
         # given statistics: the apply reads dy in place of x (b = c = 0: dx = a * dy)
         xa = x if batch_stats else dy
@@ -307,4 +328,4 @@ def channel_backward(const floating[:, ::1] x,    # IN  [R, L], R = N * C: the f
         return
     with nogil:
         channel_backward_run(&x[0, 0], &dy[0, 0], &dx[0, 0], R // C, C, L, &weight[0], &mean[0], &rstd[0],
-                             batch_stats, &dweight[0], &dbias[0], n_threads)
+                             batch_stats, &dweight[0], &dbias[0], NULL, 0.0, n_threads)

@@ -143,13 +143,24 @@ cdef void sample_group_stats(const ClShape* s, Py_ssize_t n, const double* rows,
         rstd[g] = nc_rstd(m2[g], <double>(s.k * s.L), eps)
 
 
-cdef void channel_stats(const ClShape* s, const double* rows, double eps, double* mean, double* m2,
-                        double* rstd) noexcept nogil:
+cdef void channel_moments(const ClShape* s, const double* rows, double* mean, double* m2) noexcept nogil:
     """Per channel: its (n, c) merged in batch order."""
     cdef Py_ssize_t c
     for c in range(s.C):
         merge_equal_rows(&rows[c], &rows[s.N * s.C + c], s.C, s.N, <double>s.L, &mean[c], &m2[c])
-        rstd[c] = nc_rstd(m2[c], <double>(s.N * s.L), eps)
+
+
+cdef void channel_totals(const ClShape* s, const double* rows, double* sdy, double* sxc) noexcept nogil:
+    """Per channel: the gradient sums of its (n, c) added in batch order."""
+    cdef Py_ssize_t C = s.C, NC = s.N * s.C, c, n
+    cdef double a, b
+    for c in range(C):
+        a, b = 0.0, 0.0
+        for n in range(s.N):
+            a = a + rows[n * C + c]
+            b = b + rows[NC + n * C + c]
+        sdy[c] = a
+        sxc[c] = b
 
 
 cdef void apply_coeffs(const ClShape* s, Py_ssize_t n, const double* mean, const double* rstd,
@@ -197,20 +208,15 @@ cdef void sample_bwd_coeffs(const ClShape* s, Py_ssize_t n, const double* rows, 
             co[3 * C + c] = cc
 
 
-cdef void channel_bwd_coeffs(const ClShape* s, const double* rows, const double* weight, const double* mean,
-                             const double* rstd, bint batch_stats, double* dweight, double* dbias,
-                             double* co) noexcept nogil:
-    """Per channel: the sums of its (n, c) in batch order, the parameter gradients and the
+cdef void channel_bwd_coeffs(Py_ssize_t C, const double* sdy, const double* sxc, double count,
+                             const double* weight, const double* mean, const double* rstd, bint batch_stats,
+                             double* dweight, double* dbias, double* co) noexcept nogil:
+    """Per channel, from its gradient sums over `count` values: the parameter gradients and the
     apply's coefficients co[4][C] (center, a, b, c)."""
-    cdef Py_ssize_t C = s.C, NC = s.N * s.C, c, n
-    cdef double sdy, sxc
+    cdef Py_ssize_t c
     for c in range(C):
-        sdy, sxc = 0.0, 0.0
-        for n in range(s.N):
-            sdy = sdy + rows[n * C + c]
-            sxc = sxc + rows[NC + n * C + c]
-        dbias[c] = sdy
-        nc_channel_bwd_combine(rstd[c], weight[c], mean[c], sdy, sxc, <double>(s.N * s.L), batch_stats,
+        dbias[c] = sdy[c]
+        nc_channel_bwd_combine(rstd[c], weight[c], mean[c], sdy[c], sxc[c], count, batch_stats,
                                &dweight[c], &co[C + c], &co[2 * C + c], &co[3 * C + c], &co[c])
 
 
@@ -236,6 +242,67 @@ cdef inline void chunk_apply_bwd(const floating* dy, const floating* x, floating
     else:
         nc_cl_apply_bwd_f64(dy + o, x + o, dx + o, chunk_rows(s, t % s.nch), C, co, co + C, co + 2 * C,
                             co + 3 * C)
+
+
+# ---- per-channel passes over every chunk ---------------------------------------------------
+
+cdef void channel_moment_passes(const floating* x, const ClShape* s, double* parts, double* rows, double* mean,
+                                double* m2, int n_threads, bint par) noexcept nogil:
+    """Per-channel (mean, M2) of x: every chunk's column moments, then the merges."""
+    cdef Py_ssize_t t, n
+    for t in prange(s.N * s.nch, num_threads=n_threads, use_threads_if=par, schedule="static"):
+        chunk_moments(x, s, t, parts)
+    for n in range(s.N):
+        sample_merge(s, n, parts, rows, True)
+    channel_moments(s, rows, mean, m2)
+
+
+cdef void channel_grad_sum_passes(const floating* x, const floating* dy, const ClShape* s, const double* mean,
+                                  double* parts, double* rows, double* sdy, double* sxc, int n_threads,
+                                  bint par) noexcept nogil:
+    """Per channel sum(dy) and sum(dy * (x - mean[c])): every chunk's, then the sums in order."""
+    cdef Py_ssize_t t, n
+    for t in prange(s.N * s.nch, num_threads=n_threads, use_threads_if=par, schedule="static"):
+        chunk_grad_sums(x, dy, s, t, mean, parts)
+    for n in range(s.N):
+        sample_merge(s, n, parts, rows, False)
+    channel_totals(s, rows, sdy, sxc)
+
+
+cdef double* cl_work(const ClShape* s, Py_ssize_t extra) noexcept nogil:
+    """Scratch of the passes: per chunk [N*nch][2][C] then per (n, c) [2][N*C] doubles, and
+    `extra` doubles after them; NULL when there is no memory."""
+    return <double*>malloc((2 * s.C * s.N * s.nch + 2 * s.N * s.C + extra) * sizeof(double))
+
+
+cdef int cl_moments_run(const floating* x, Py_ssize_t N, Py_ssize_t L, Py_ssize_t C, double* mean, double* m2,
+                        int n_threads) except -1 nogil:
+    """Per-channel (mean, M2) of x [N, L, C] C-contiguous, N*L*C > 0: the reduce and combine of
+    cl_forward_run with per-channel groups."""
+    cdef ClShape s = cl_shape(N, L, C, 0)
+    cdef double* work = cl_work(&s, 0)
+    if work == NULL:
+        with gil:
+            raise MemoryError("channels-last moments: no memory for the partial moments")
+    channel_moment_passes(x, &s, work, work + 2 * C * N * s.nch, mean, m2, n_threads,
+                          use_threads(n_threads, N * L * C))
+    free(work)
+    return 0
+
+
+cdef int cl_grad_sums_run(const floating* x, const floating* dy, Py_ssize_t N, Py_ssize_t L, Py_ssize_t C,
+                          const double* mean, double* sdy, double* sxc, int n_threads) except -1 nogil:
+    """Per channel sum(dy) and sum(dy * (x - mean[c])) of x, dy [N, L, C]: the reduce of
+    cl_backward_run with per-channel groups."""
+    cdef ClShape s = cl_shape(N, L, C, 0)
+    cdef double* work = cl_work(&s, 0)
+    if work == NULL:
+        with gil:
+            raise MemoryError("channels-last gradient sums: no memory for the partial sums")
+    channel_grad_sum_passes(x, dy, &s, mean, work, work + 2 * C * N * s.nch, sdy, sxc, n_threads,
+                            use_threads(n_threads, N * L * C))
+    free(work)
+    return 0
 
 
 # ---- one sample per task (consecutive-channel groups) ---------------------------------------
@@ -282,7 +349,7 @@ cdef int cl_forward_run(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t
     cdef Py_ssize_t n_co = N if k else 1
     cdef bint par = use_threads(n_threads, N * L * C)
     # per chunk [T][2][C], per (n, c) [2][N*C], then the coefficients [n_co][4][C] in T
-    cdef double* work = <double*>malloc((2 * C * T + 2 * N * C) * sizeof(double) + 4 * C * n_co * sizeof(floating))
+    cdef double* work = cl_work(&s, (4 * C * n_co * sizeof(floating) + sizeof(double) - 1) // sizeof(double))
     cdef double* parts = work
     cdef double* rows = work + 2 * C * T
     cdef floating* co = <floating*>(rows + 2 * N * C)
@@ -298,16 +365,16 @@ cdef int cl_forward_run(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t
                 forward_sample(x, y, &s, n, parts, rows, weight, bias, eps, mean, m2, rstd, co)
         free(work)
         return 0
-    if batch_stats:
+    if batch_stats and k:
         for t in prange(T, num_threads=n_threads, use_threads_if=par, schedule="static"):
             chunk_moments(x, &s, t, parts)
         for n in range(N):
             sample_merge(&s, n, parts, rows, True)
-        if k:
-            for n in range(N):
-                sample_group_stats(&s, n, rows, eps, mean, m2, rstd)
-        else:
-            channel_stats(&s, rows, eps, mean, m2, rstd)
+            sample_group_stats(&s, n, rows, eps, mean, m2, rstd)
+    elif batch_stats:
+        channel_moment_passes(x, &s, parts, rows, mean, m2, n_threads, par)
+        for c in range(C):
+            rstd[c] = nc_rstd(m2[c], <double>(N * L), eps)
     else:
         for c in range(C):
             rstd[c] = nc_rstd(m2[c], 1.0, eps)
@@ -321,18 +388,22 @@ cdef int cl_forward_run(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t
 
 cdef int cl_backward_run(const floating* x, const floating* dy, floating* dx, Py_ssize_t N, Py_ssize_t L,
                          Py_ssize_t C, Py_ssize_t k, const double* weight, const double* mean, const double* rstd,
-                         bint batch_stats, double* dweight, double* dbias, int n_threads) except -1 nogil:
+                         bint batch_stats, double* dweight, double* dbias, const double* sums, double count,
+                         int n_threads) except -1 nogil:
     """dx, dweight, dbias for cl_forward_run's forward of x with these statistics; dy [N, L, C]
-    like x. Consecutive-channel groups need batch_stats (given statistics are per channel)."""
+    like x. Consecutive-channel groups need batch_stats (given statistics are per channel).
+    Per-channel groups: sums NULL, the gradient sums of x and dy over N*L values; else given
+    ones (sums[0:C] sum(dy), sums[C:2C] sum(dy * (x - mean)), over `count` values)."""
     cdef ClShape s = cl_shape(N, L, C, k)
     cdef Py_ssize_t T = N * s.nch, t, n
     cdef Py_ssize_t n_co = N if k else 1
     cdef bint par = use_threads(n_threads, N * L * C)
-    # per chunk [T][2][C], per (n, c) [2][N*C], then the coefficients [n_co][4][C]
-    cdef double* work = <double*>malloc((2 * C * T + 2 * N * C + 4 * C * n_co) * sizeof(double))
+    # the passes' scratch, the coefficients [n_co][4][C], the per-channel sums [2][C]
+    cdef double* work = cl_work(&s, 4 * C * n_co + 2 * C)
     cdef double* parts = work
     cdef double* rows = work + 2 * C * T
     cdef double* co = rows + 2 * N * C
+    cdef double* totals = co + 4 * C * n_co
     if work == NULL:
         with gil:
             raise MemoryError("channels-last backward: no memory for the partial sums")
@@ -354,11 +425,11 @@ cdef int cl_backward_run(const floating* x, const floating* dy, floating* dx, Py
         for t in prange(T, num_threads=n_threads, use_threads_if=par, schedule="static"):
             chunk_apply_bwd(dy, x, dx, &s, t, co + coeff_offset(&s, t))
     else:
-        for t in prange(T, num_threads=n_threads, use_threads_if=par, schedule="static"):
-            chunk_grad_sums(x, dy, &s, t, mean, parts)
-        for n in range(N):
-            sample_merge(&s, n, parts, rows, False)
-        channel_bwd_coeffs(&s, rows, weight, mean, rstd, batch_stats, dweight, dbias, co)
+        if sums == NULL:
+            channel_grad_sum_passes(x, dy, &s, mean, parts, rows, totals, totals + C, n_threads, par)
+            sums = totals
+            count = <double>(N * L)
+        channel_bwd_coeffs(C, sums, sums + C, count, weight, mean, rstd, batch_stats, dweight, dbias, co)
         # given statistics: b = c = 0, dx = a * dy, x not read (cl_ops.h)
         for t in prange(T, num_threads=n_threads, use_threads_if=par, schedule="static"):
             chunk_apply_bwd(dy, x, dx, &s, t, co)

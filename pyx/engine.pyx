@@ -214,11 +214,75 @@ cdef class Plan:
         """channels_last.pxi's grouping: 0 per channel, else k consecutive channels."""
         return 0 if self.per_channel else self.k
 
+    def moments(self, cnp.ndarray x):
+        """Per-channel (mean, M2) of x (a per-channel plan; x as for forward): float64 (2, C),
+        the reduce and combine of forward, bit for bit, without the apply."""
+        self._require_per_channel("moments")
+        cdef cnp.ndarray out = float64_matrix(2, self.C)
+        cdef double* mean = f64(out)
+        cdef void* xp = cnp.PyArray_DATA(x)
+        if self.channels_last:
+            if is_float32(x):
+                with nogil:
+                    cl_moments_run(<const float*>xp, self.N, self.L, self.C, mean, mean + self.C, self.n_threads)
+            else:
+                with nogil:
+                    cl_moments_run(<const double*>xp, self.N, self.L, self.C, mean, mean + self.C, self.n_threads)
+        elif is_float32(x):
+            with nogil:
+                channel_moments_run(<const float*>xp, self.N, self.C, self.L, mean, mean + self.C, self.n_threads)
+        else:
+            with nogil:
+                channel_moments_run(<const double*>xp, self.N, self.C, self.L, mean, mean + self.C, self.n_threads)
+        return out
+
+    def grad_sums(self, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean_):
+        """Per channel sum(dy) and sum(dy * (x - mean[c])) (a per-channel plan; x and dy as for
+        backward, mean_ float64 [C] C-contiguous): float64 (2, C), in a fixed order."""
+        self._require_per_channel("grad_sums")
+        cdef cnp.ndarray out = float64_matrix(2, self.C)
+        cdef double* sdy = f64(out)
+        cdef const double* mean = f64(mean_)
+        cdef void* xp = cnp.PyArray_DATA(x)
+        cdef void* dyp = cnp.PyArray_DATA(dy)
+        cdef bint par = use_threads(self.n_threads, self.N * self.C * self.L)
+        cdef bint blocks
+        if self.channels_last:
+            if is_float32(x):
+                with nogil:
+                    cl_grad_sums_run(<const float*>xp, <const float*>dyp, self.N, self.L, self.C, mean, sdy,
+                                     sdy + self.C, self.n_threads)
+            else:
+                with nogil:
+                    cl_grad_sums_run(<const double*>xp, <const double*>dyp, self.N, self.L, self.C, mean, sdy,
+                                     sdy + self.C, self.n_threads)
+        elif is_float32(x):
+            blocks = backward_blocks(self.N, self.L, sizeof(float))
+            with nogil:
+                channel_grad_sums(<const float*>xp, <const float*>dyp, self.N, self.C, self.L, mean, sdy,
+                                  sdy + self.C, blocks, self.n_threads, par)
+        else:
+            blocks = backward_blocks(self.N, self.L, sizeof(double))
+            with nogil:
+                channel_grad_sums(<const double*>xp, <const double*>dyp, self.N, self.C, self.L, mean, sdy,
+                                  sdy + self.C, blocks, self.n_threads, par)
+        return out
+
+    cdef int _require_per_channel(self, str what) except -1:
+        if not self.per_channel:
+            raise ValueError(f"{what} takes a per-channel plan")
+        return 0
+
     def backward(self, cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean_, cnp.ndarray rstd_, cnp.ndarray weight,
-                 bint batch_stats):
+                 bint batch_stats, cnp.ndarray sums_=None, double count=0.0):
         """(dx, grads) for the forward of x whose group means and rstd (float64 [G], rows 0 and 2
         of its statistics) are mean_ and rstd_, with the weight64 it returned; dy C-contiguous
-        with x's number of values, dx of x's shape. grads: float64 (2, C), dweight then dbias."""
+        with x's number of values, dx of x's shape. grads: float64 (2, C), dweight then dbias.
+
+        sums_ (a per-channel plan with batch statistics): the gradient sums of a batch of which x
+        is a slice, float64 (2, C) C-contiguous (sum(dy), sum(dy * (x - mean)): grad_sums' over
+        every slice), over `count` values: the combine and apply of that batch's backward on
+        this slice (SyncBatchNorm); grads then come from those sums."""
         cdef cnp.ndarray dx = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
         cdef cnp.ndarray grads = float64_matrix(2, self.C)
         cdef double* dweight = f64(grads)
@@ -232,27 +296,36 @@ cdef class Plan:
         cdef Py_ssize_t R = self.N * self.C
         cdef cnp.ndarray rows
         cdef double* sums
+        cdef const double* given = NULL
         if not batch_stats and not self.per_channel:
             raise ValueError("given statistics take a per-channel plan")
+        if sums_ is not None:
+            if not (self.per_channel and batch_stats):
+                raise ValueError("given gradient sums take a per-channel plan with batch statistics")
+            given = f64(sums_)
         if self.channels_last:
             if is_float32(x):
                 with nogil:
                     cl_backward_run(<const float*>xp, <const float*>dyp, <float*>dxp, self.N, self.L, self.C,
-                                    self._cl_k(), w, mean, rstd, batch_stats, dweight, dbias, self.n_threads)
+                                    self._cl_k(), w, mean, rstd, batch_stats, dweight, dbias, given, count,
+                                    self.n_threads)
             else:
                 with nogil:
                     cl_backward_run(<const double*>xp, <const double*>dyp, <double*>dxp, self.N, self.L, self.C,
-                                    self._cl_k(), w, mean, rstd, batch_stats, dweight, dbias, self.n_threads)
+                                    self._cl_k(), w, mean, rstd, batch_stats, dweight, dbias, given, count,
+                                    self.n_threads)
             return dx, grads
         if self.per_channel:
             if is_float32(x):
                 with nogil:
                     channel_backward_run(<const float*>xp, <const float*>dyp, <float*>dxp, self.N, self.C, self.L,
-                                         w, mean, rstd, batch_stats, dweight, dbias, self.n_threads)
+                                         w, mean, rstd, batch_stats, dweight, dbias, given, count,
+                                         self.n_threads)
             else:
                 with nogil:
                     channel_backward_run(<const double*>xp, <const double*>dyp, <double*>dxp, self.N, self.C,
-                                         self.L, w, mean, rstd, batch_stats, dweight, dbias, self.n_threads)
+                                         self.L, w, mean, rstd, batch_stats, dweight, dbias, given, count,
+                                         self.n_threads)
             return dx, grads
         rows = float64_matrix(2, R)  # per-row sum(dy), sum(dy * (x - mean)), one after the other
         sums = f64(rows)
@@ -266,6 +339,31 @@ cdef class Plan:
                                    w, mean, rstd, sums, sums + R, self.n_threads)
         channel_sums(sums, sums + R, rstd, self.N, self.C, self.k, dweight, dbias)
         return dx, grads
+
+
+def merge_in_order(cnp.ndarray counts, cnp.ndarray means, cnp.ndarray m2s):
+    """(count, mean, M2) of the union of K parts (K >= 1), merged in part order with Chan's
+    formula (the combine step of every grouping, row_ops.h nc_merge_step): counts float64
+    [K], means and m2s float64 [K, C], all C-contiguous. Parts of count 0 are skipped; with
+    none left, count 0 and zeros. SyncBatchNorm merges its ranks' statistics with it, rank 0
+    first, so every rank holds the same bits."""
+    cdef Py_ssize_t K = cnp.PyArray_DIM(means, 0), C = cnp.PyArray_DIM(means, 1), j, c
+    cdef cnp.ndarray out = float64_matrix(2, C)
+    cdef double* mean = f64(out)
+    cdef const double* n = f64(counts)
+    cdef const double* mu = f64(means)
+    cdef const double* q = f64(m2s)
+    cdef double na, total = 0.0
+    for j in range(K):
+        total = total + n[j]
+    for c in range(C):
+        na = 0.0
+        mean[c] = 0.0
+        mean[C + c] = 0.0
+        for j in range(K):
+            if n[j] != 0.0:
+                nc_merge_step(&na, &mean[c], &mean[C + c], n[j], mu[j * C + c], q[j * C + c])
+    return total, out[0], out[1]
 
 
 def running_values(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray mean_, cnp.ndarray m2_,

@@ -30,7 +30,8 @@ import pytest
 from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
 from normcore._kernels.combine import merge_moments, sum_groups
 from normcore._kernels.engine import (FUSED_MIN_CHANNELS, SHORT_ROW, Plan, channel_backward, channel_forward,
-                                      commit_running, group_backward, group_forward, running_values)
+                                      commit_running, group_backward, group_forward, merge_in_order,
+                                      running_values)
 from normcore._kernels.grad_sums import row_grad_sums, row_grad_sums_weighted
 from normcore._kernels.engine import layer_backward, layer_forward
 from normcore._kernels.moments import row_moments
@@ -1254,6 +1255,77 @@ def test_plan_gives_the_bits_of_its_kernels(N, C, L, k, dtype, n_threads):
         np.testing.assert_allclose(stats[0], x64.mean(axis=(0, 2)), rtol=1e-12, atol=1e-12)
     else:
         np.testing.assert_allclose(stats[0], x64.reshape(G, -1).mean(axis=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("N, C, L", [(2, 3, 16), (4, 8, 49), (3, 5, 1500), (64, 4, 300)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_plan_moments_grad_sums_and_given_sums_are_forward_and_backward_in_parts(N, C, L, dtype, channels_last,
+                                                                                n_threads):
+    """A per-channel plan's moments are its forward's statistics, and its backward from the
+    gradient sums of grad_sums (over N * L values) is its backward, bit for bit: the pieces
+    SyncBatchNorm runs around its collectives."""
+    rng = np.random.default_rng(N + C + L)
+    shape = (N, L, C) if channels_last else (N * C, L)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w, b = rng.standard_normal(C), rng.standard_normal(C)
+    plan = Plan(N, C, L, 1, N, C, n_threads, channels_last)
+    y, stats, w64 = plan.forward(x, w, b, 1e-5)
+    np.testing.assert_array_equal(plan.moments(x), stats[:2])
+    dx, grads = plan.backward(x, dy, stats[0], stats[2], w64, True)
+    sums = plan.grad_sums(x, dy, stats[0])
+    assert sums.shape == (2, C)
+    np.testing.assert_array_equal(sums[0], grads[1])
+    d64, x64 = dy.astype(np.float64), x.astype(np.float64)
+    axes = (0, 1) if channels_last else None
+    if channels_last:
+        want = np.stack([d64.sum(axes), (d64 * (x64 - stats[0])).sum(axes)])
+    else:
+        xr, dr = x64.reshape(N, C, L), d64.reshape(N, C, L)
+        want = np.stack([dr.sum((0, 2)), (dr * (xr - stats[0][:, None])).sum((0, 2))])
+    np.testing.assert_allclose(sums, want, rtol=1e-12, atol=1e-12 * np.abs(d64).sum())
+    dx_given, grads_given = plan.backward(x, dy, stats[0], stats[2], w64, True, sums, float(N * L))
+    np.testing.assert_array_equal(dx_given, dx)
+    np.testing.assert_array_equal(grads_given, grads)
+
+
+def test_moments_and_given_sums_take_a_per_channel_plan():
+    plan = Plan(2, 4, 3, 4, 2, 1, 1)
+    x = np.ones((8, 3))
+    for call in (lambda: plan.moments(x), lambda: plan.grad_sums(x, x, np.zeros(4)),
+                 lambda: plan.backward(x, x, np.zeros(4), np.ones(4), np.ones(4), True, np.zeros((2, 4)), 24.0)):
+        with pytest.raises(ValueError, match="per-channel plan"):
+            call()
+
+
+def test_merge_in_order_is_chan_s_formula_in_order():
+    """Against the float64 formula step by step; parts of count 0 skipped (an empty rank);
+    equal means near the largest double merge without overflow."""
+    rng = np.random.default_rng(9)
+    counts = np.array([3.0, 0.0, 5.0, 1.0, 7.0])
+    means, m2s = rng.standard_normal((5, 4)), rng.random((5, 4))
+    means[1], m2s[1] = 1e300, 1e300  # an empty part's values are ignored
+    count, mean, m2 = merge_in_order(counts, means, m2s)
+    n, mu, q = 0.0, np.zeros(4), np.zeros(4)
+    for nb, mb, qb in zip(counts, means, m2s):
+        if nb == 0:
+            continue
+        if n == 0:
+            n, mu, q = nb, mb.copy(), qb.copy()
+            continue
+        t = n + nb
+        d = mb - mu
+        mu, q, n = mu + d * (nb / t), q + qb + d * d * (n * nb / t), t
+    assert count == counts.sum()
+    np.testing.assert_array_equal(mean, mu)
+    np.testing.assert_array_equal(m2, q)
+    big = np.full((3, 2), 1e308)
+    count, mean, m2 = merge_in_order(np.array([2.0, 2.0, 2.0]), big, np.zeros((3, 2)))
+    assert count == 6 and np.all(mean == 1e308) and np.all(m2 == 0)
+    count, mean, m2 = merge_in_order(np.zeros(2), np.zeros((2, 3)), np.zeros((2, 3)))
+    assert count == 0 and not mean.any() and not m2.any()
 
 
 @pytest.mark.parametrize("running_dtype", [np.float32, np.float64])
