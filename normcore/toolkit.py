@@ -10,6 +10,7 @@ a *row* is one (n, c) slice of L = prod(*) values. Per-row coefficients are floa
 arrays of shape (N, C) (one per row), (C,) (one per channel) or scalars.
 
     mean, m2 = row_moments(x)                       # (N, C) each; var = m2 / L
+    count, mean, m2 = merge_moments(counts, means, m2s)  # parts merged in order (the combine)
     y = apply_rows(x, center, scale, shift)         # (x - center) * scale + shift, per row
     s_dy, s_dyxc = row_grad_sums(x, dy, center)     # sum(dy), sum(dy * (x - center)) per row
     dx = apply_rows_backward(dy, x, a, center, b, c)  # a * dy + b * (x - center) + c, per row
@@ -25,6 +26,7 @@ import math
 
 import numpy as np
 
+from normcore._kernels.engine import merge_in_order as _merge_in_order
 from normcore._kernels.apply_rows import apply_rows as _apply_rows
 from normcore._kernels.apply_rows import apply_rows_backward as _apply_rows_backward
 from normcore._kernels.grad_sums import row_grad_sums as _row_grad_sums
@@ -42,8 +44,8 @@ from normcore.validation import (
 )
 
 __all__ = ["as_float_array", "check_grad_output", "check_positive_int", "check_eps", "check_finite_real",
-           "check_bool", "check_dtype_arg", "write_arrays", "as_rows", "row_moments", "row_grad_sums", "apply_rows",
-           "apply_rows_backward"]
+           "check_bool", "check_dtype_arg", "write_arrays", "as_rows", "row_moments", "merge_moments", "row_grad_sums",
+           "apply_rows", "apply_rows_backward"]
 
 
 def as_rows(x, name="x"):
@@ -147,6 +149,57 @@ def row_moments(x):
     m2 = np.empty(N * C)
     _row_moments(x2, mean, m2, get_num_threads())
     return mean.reshape(N, C), m2.reshape(N, C)
+
+
+def merge_moments(counts, means, m2s):
+    """The (count, mean, M2) of the union of K parts from each part's, merged in part order with
+    Chan's formula: the combine step of the built-in layers and of SyncBatchNorm (its ranks'
+    statistics), here for any grouping a method wants.
+
+    Shifted by the running mean, the merge neither overflows where the values do not nor
+    cancels; the order is fixed, so the bits are too. Parts with count 0 are skipped.
+
+    Parameters
+    ----------
+    counts : array_like of shape (K,)
+        The number of values of each part, K >= 1.
+    means, m2s : array_like of shape (K, C) or (K,)
+        Each part's means and sums of squared deviations (M2), for C quantities at once
+        (channels, say); (K,) for one.
+
+    Returns
+    -------
+    count : float
+        The total count.
+    mean, m2 : ndarray of shape (C,), float64 (float64 scalars for (K,) input)
+        The merged moments; zeros where every part is empty.
+
+    Raises
+    ------
+    ValueError
+        K is 0, the shapes do not match, or a count is negative or not finite.
+
+    Examples
+    --------
+    >>> row_mean, row_m2 = np.array([[1.0], [4.0]]), np.array([[2.0], [0.0]])  # [0, 1, 2] and [4]
+    >>> count, mean, m2 = nc.toolkit.merge_moments([3, 1], row_mean, row_m2)
+    >>> count, mean.tolist(), m2.tolist()
+    (4.0, [1.75], [8.75])
+    """
+    counts = np.ascontiguousarray(counts, dtype=np.float64)
+    means = np.asarray(means, dtype=np.float64)
+    m2s = np.asarray(m2s, dtype=np.float64)
+    one = means.ndim == 1
+    if counts.ndim != 1 or counts.shape[0] == 0:
+        raise ValueError(f"counts must be a non-empty 1-D array, got shape {counts.shape}")
+    if means.ndim not in (1, 2) or means.shape[0] != counts.shape[0] or m2s.shape != means.shape:
+        raise ValueError(f"means and m2s must both have shape (K,) or (K, C) with K = {counts.shape[0]} "
+                         f"parts, got {means.shape} and {m2s.shape}")
+    if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+        raise ValueError(f"counts must be finite and non-negative, got {counts}")
+    count, mean, m2 = _merge_in_order(counts, np.ascontiguousarray(means.reshape(counts.shape[0], -1)),
+                                      np.ascontiguousarray(m2s.reshape(counts.shape[0], -1)))
+    return (count, mean[0], m2[0]) if one else (count, mean, m2)
 
 
 def row_grad_sums(x, dy, center):

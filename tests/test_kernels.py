@@ -27,8 +27,9 @@ import math
 import numpy as np
 import pytest
 
+import normcore as nc
+
 from normcore._kernels.apply_rows import apply_rows, apply_rows_backward
-from normcore._kernels.combine import merge_moments, sum_groups
 from normcore._kernels.engine import (FUSED_MIN_CHANNELS, SHORT_ROW, Plan, channel_backward, channel_forward,
                                       commit_running, group_backward, group_forward, merge_in_order,
                                       running_values)
@@ -1024,31 +1025,32 @@ GROUPINGS = [(1, 4, 3), (6, 1, 1), (4, 3, 1), (2, 5, 3), (1, 1, 1)]
 @pytest.mark.parametrize("count", [1, 2, 7, 100])
 @pytest.mark.parametrize("grouping", GROUPINGS, ids=str)
 def test_merge_moments(grouping, count):
-    """Merging row moments gives the moments of the whole group's data."""
+    """toolkit.merge_moments (the engine's combine) of row moments gives the moments of the
+    whole group's data, for every grouping: group (o, i) is the union of its k rows (o, j, i)."""
     outer, k, inner = grouping
     rng = np.random.default_rng(9)
-    # Row (o, j, i) holds `count` values; group (o, i) is the union of its k rows.
     data = 10.0 + rng.standard_normal((outer, k, inner, count)) * rng.uniform(0.5, 2, (1, k, 1, 1))
-    row_mean, row_m2 = np_row_moments(data.reshape(-1, count))
-    mean, m2 = np.full(outer * inner, np.nan), np.full(outer * inner, np.nan)
-    merge_moments(row_mean, row_m2, count, outer, k, inner, mean, m2)
+    row_mean, row_m2 = (a.reshape(outer, k, inner) for a in np_row_moments(data.reshape(-1, count)))
+    mean, m2 = np.empty((outer, inner)), np.empty((outer, inner))
+    for o in range(outer):
+        n, mean[o], m2[o] = nc.toolkit.merge_moments(np.full(k, float(count)), row_mean[o], row_m2[o])
+        assert n == k * count
     want_mean, want_m2 = np_row_moments(data.transpose(0, 2, 1, 3).reshape(outer * inner, k * count))
-    assert_within(mean, want_mean, np.abs(data).max(axis=(1, 3)).ravel(), RTOL_SUM, "group mean")
-    assert_within(m2, want_m2, want_m2, RTOL_SUM, "group M2")
+    assert_within(mean.ravel(), want_mean, np.abs(data).max(axis=(1, 3)).ravel(), RTOL_SUM, "group mean")
+    assert_within(m2.ravel(), want_m2, want_m2, RTOL_SUM, "group M2")
 
 
-@pytest.mark.parametrize("grouping", GROUPINGS, ids=str)
-def test_sum_groups(grouping):
-    """out[o, i] = sum over j of v[o, j, i], added in increasing j (bitwise that order)."""
-    outer, k, inner = grouping
-    v = np.random.default_rng(10).standard_normal(outer * k * inner) * 1e3
-    out = np.full(outer * inner, np.nan)
-    sum_groups(v, outer, k, inner, out)
-    v3 = v.reshape(outer, k, inner)
-    want = np.zeros((outer, inner))
-    for j in range(k):
-        want = want + v3[:, j, :]
-    assert np.array_equal(out, want.ravel())
+@pytest.mark.parametrize("case", ["no parts", "counts 2-D", "means rows", "m2s shape", "means 3-D",
+                                  "negative count", "nan count"])
+def test_merge_moments_refuses_bad_input(case):
+    c, m = np.ones(3), np.zeros((3, 2))
+    args = {"no parts": (np.ones(0), np.zeros((0, 2)), np.zeros((0, 2))),
+            "counts 2-D": (np.ones((3, 1)), m, m), "means rows": (c, np.zeros((2, 2)), np.zeros((2, 2))),
+            "m2s shape": (c, m, np.zeros((3, 3))), "means 3-D": (c, np.zeros((3, 2, 1)), np.zeros((3, 2, 1))),
+            "negative count": (np.array([1.0, -1.0, 2.0]), m, m),
+            "nan count": (np.array([1.0, np.nan, 2.0]), m, m)}[case]
+    with pytest.raises(ValueError):
+        nc.toolkit.merge_moments(*args)
 
 
 # -------------------------------------------------------------------------- empty input
@@ -1144,13 +1146,6 @@ def _invalid_calls():
         "group_backward: rstd length": lambda: group_backward(x, dy, y, 2, 3, r3, r3, r4, r6, r6),
         "group_backward: sdy length": lambda: group_backward(x, dy, y, 2, 3, r3, r3, r3, r3, r6),
         "group_backward: sdyxc length": lambda: group_backward(x, dy, y, 2, 3, r3, r3, r3, r6, r5),
-        "merge_moments: grouping mismatch": lambda: merge_moments(r6, r6, 3, 1, 4, 2, r2, r2),
-        "merge_moments: output mismatch": lambda: merge_moments(r6, r6, 3, 1, 3, 2, r3, r3),
-        "merge_moments: m2 length": lambda: merge_moments(r6, r5, 3, 1, 3, 2, r2, r2),
-        "merge_moments: out_m2 length": lambda: merge_moments(r6, r6, 3, 1, 3, 2, r2, r3),
-        "merge_moments: k == 0": lambda: merge_moments(np.ones(0), np.ones(0), 3, 1, 0, 2, r2, r2),
-        "sum_groups: grouping mismatch": lambda: sum_groups(r6, 2, 2, 2, np.ones(4)),
-        "sum_groups: output mismatch": lambda: sum_groups(r6, 2, 3, 1, r3),
         "channel_forward: C does not divide R": lambda: channel_forward(x, y, 4, r4, r4, EPS, r4, r4, r4, True),
         "channel_forward: C == 0": lambda: channel_forward(x, y, 0, e0, e0, EPS, e0, e0, e0, True),
         "channel_forward: C < 0": lambda: channel_forward(x, y, -3, r3, r3, EPS, r3, r3, r3, True),
