@@ -1,5 +1,5 @@
 """The engine: one compiled call per forward and per backward of BatchNorm, InstanceNorm and
-GroupNorm on NCHW rows, of LayerNorm's rows and of LocalResponseNorm's window.
+GroupNorm (NCHW or channels-last), of LayerNorm's rows and of LocalResponseNorm's window.
 
 A Plan describes a grouping once: x of shape (N, C, *) as rows [N*C, L] (row r = (n, c), L
 contiguous values), grouped as [outer, k, inner] and merged over k (normcore.grouped.Grouping):
@@ -14,11 +14,16 @@ contract, and normcore's public functions are where it is enforced), the per-gro
 come back in one float64 array, and no thread team starts below the kernels' size threshold.
 A Plan made with channels_last=True reads x in channels-last memory, (N, C, *spatial) stored as
 (N, *spatial, C), through its [N, L, C] view, with the same groupings, and writes y and dx in
-that layout. The loops themselves are in channels.pxi, groups.pxi, channels_last.pxi,
-layer_rows.pxi and lrn.pxi, included here (their cdef *_run functions; the def functions of
-channels.pxi and groups.pxi are the same kernels with checked arguments, for the tests). LayerNorm's rows are statistics per row with a per-column affine: rows_forward and
-rows_backward, with the same contract as a Plan's methods; LocalResponseNorm's window across
-channels is window_forward and window_backward.
+that layout. Plan.moments, Plan.grad_sums and Plan.backward with given sums are the pieces of
+a per-channel forward and backward that SyncBatchNorm runs around its collectives, and
+merge_in_order is the combine of parts in order (its ranks; toolkit.merge_moments).
+
+The loops themselves are in channels.pxi, groups.pxi, channels_last.pxi, layer_rows.pxi and
+lrn.pxi, included here (their cdef *_run functions; the def functions of channels.pxi and
+groups.pxi are the same kernels with checked arguments, for the tests). LayerNorm's rows are
+statistics per row with a per-column affine: rows_forward and rows_backward, with the same
+contract as a Plan's methods; LocalResponseNorm's window across channels is window_forward and
+window_backward. running_values and commit_running are BatchNorm's running statistics.
 """
 cimport numpy as cnp
 import numpy as np

@@ -45,15 +45,6 @@
 #define NC_VECTOR_EXT 0
 #endif
 
-/* lanes[0..15] -> one sum, in a fixed tree. */
-NC_INLINE double nc_fold_lanes(double *v)
-{
-    for (int w = NC_LANES / 2; w >= 1; w /= 2)
-        for (int l = 0; l < w; l++)
-            v[l] += v[l + w];
-    return v[0];
-}
-
 /* One step of Chan's merge, in order: (na, mu, q) absorbs a block of nb values. */
 NC_INLINE void nc_merge_step(double *na, double *mu, double *q, double nb, double mean_b, double m2_b)
 {
@@ -144,22 +135,42 @@ NC_INLINE void nc_lanes_grad(nc_lanes *L, nc_quad g0, nc_quad g1, nc_quad g2, nc
     L->b2 = nc_quad_add(L->b2, nc_quad_mul(g2, e2)); L->b3 = nc_quad_add(L->b3, nc_quad_mul(g3, e3));
 }
 
-/* The lanes as two arrays of 16, lane l at index l. */
-NC_INLINE void nc_lanes_store(const nc_lanes *L, double *va, double *vb)
+/* 16 lanes (four quads, lane l in quad l / 4) -> one sum, in a fixed tree: lane l + 8 into l
+ * (q0 + q2, q1 + q3), then l + 4 (their sum f), then l + 2, then l + 1; in registers, and the
+ * same additions whatever the instruction set. */
+NC_INLINE double nc_fold_quads(nc_quad q0, nc_quad q1, nc_quad q2, nc_quad q3)
 {
-    nc_quad_store(va, L->a0); nc_quad_store(va + 4, L->a1);
-    nc_quad_store(va + 8, L->a2); nc_quad_store(va + 12, L->a3);
-    nc_quad_store(vb, L->b0); nc_quad_store(vb + 4, L->b1);
-    nc_quad_store(vb + 8, L->b2); nc_quad_store(vb + 12, L->b3);
+    double f[4];
+    nc_quad_store(f, nc_quad_add(nc_quad_add(q0, q2), nc_quad_add(q1, q3)));
+    return (f[0] + f[2]) + (f[1] + f[3]);
 }
 
 /* The folded sums of the lanes, in the fixed tree. */
 NC_INLINE void nc_lanes_fold(const nc_lanes *L, double *a, double *b)
 {
-    double va[NC_LANES], vb[NC_LANES];
-    nc_lanes_store(L, va, vb);
-    *a = nc_fold_lanes(va);
-    *b = nc_fold_lanes(vb);
+    *a = nc_fold_quads(L->a0, L->a1, L->a2, L->a3);
+    *b = nc_fold_quads(L->b0, L->b1, L->b2, L->b3);
+}
+
+/* The lanes plus a block's last ntail < 16 terms (ta[l], tb[l] into lane l), folded: the
+ * other lanes get -0.0, which adds exactly nothing (x + -0.0 is x for every x, -0.0 and NaN
+ * included), so the bits are those of adding the tail to its lanes alone. */
+NC_INLINE void nc_lanes_fold_tail(const nc_lanes *L, const double *ta, const double *tb, ptrdiff_t ntail,
+                                  double *a, double *b)
+{
+    if (ntail == 0) {
+        nc_lanes_fold(L, a, b);
+        return;
+    }
+    double pa[NC_LANES], pb[NC_LANES];
+    for (int l = 0; l < NC_LANES; l++) {
+        pa[l] = l < ntail ? ta[l] : -0.0;
+        pb[l] = l < ntail ? tb[l] : -0.0;
+    }
+    *a = nc_fold_quads(nc_quad_add(L->a0, nc_quad_load_f64(pa)), nc_quad_add(L->a1, nc_quad_load_f64(pa + 4)),
+                       nc_quad_add(L->a2, nc_quad_load_f64(pa + 8)), nc_quad_add(L->a3, nc_quad_load_f64(pa + 12)));
+    *b = nc_fold_quads(nc_quad_add(L->b0, nc_quad_load_f64(pb)), nc_quad_add(L->b1, nc_quad_load_f64(pb + 4)),
+                       nc_quad_add(L->b2, nc_quad_load_f64(pb + 8)), nc_quad_add(L->b3, nc_quad_load_f64(pb + 12)));
 }
 
 /* The lanes of one block's moments while it is being summed (it may be summed in pieces: the

@@ -36,13 +36,13 @@ NC_INLINE void NC_NAME(nc_blk_moments_finish)(const T *x, ptrdiff_t ntail, ptrdi
 {
     const double k = st->k;
     double s[NC_LANES], q[NC_LANES];
-    nc_lanes_store(&st->acc, s, q);
     for (ptrdiff_t l = 0; l < ntail; l++) {
         const double d = (double)x[l] - k;
-        s[l] += d;
-        q[l] += d * d;
+        s[l] = d;
+        q[l] = d * d;
     }
-    const double S = nc_fold_lanes(s), Q = nc_fold_lanes(q);
+    double S, Q;
+    nc_lanes_fold_tail(&st->acc, s, q, ntail, &S, &Q);
     *mean = k + S / (double)n;
     const double m = Q - S * (S / (double)n);
     *m2 = m < 0.0 ? 0.0 : m; /* clamps rounding below 0; NaN passes through */
@@ -80,14 +80,12 @@ NC_INLINE void NC_NAME(nc_blk_gsums)(const T *x, const T *dy, const T *w, ptrdif
                       nc_quad_sub(NC_TYPED(nc_quad_load)(x + i + 12), c4));
     }
     double s[NC_LANES], t[NC_LANES];
-    nc_lanes_store(&acc, s, t);
     for (int l = 0; i + l < n; l++) {
         const double g = w ? (double)w[i + l] * (double)dy[i + l] : (double)dy[i + l];
-        s[l] += g;
-        t[l] += g * ((double)x[i + l] - center);
+        s[l] = g;
+        t[l] = g * ((double)x[i + l] - center);
     }
-    *sum_g = nc_fold_lanes(s);
-    *sum_g_xc = nc_fold_lanes(t);
+    nc_lanes_fold_tail(&acc, s, t, n - i, sum_g, sum_g_xc);
 }
 
 NC_INLINE void NC_NAME(nc_blk_grad_sums)(const T *x, const T *dy, ptrdiff_t n, double center,
