@@ -79,6 +79,10 @@ cdef cnp.ndarray as_vector(object v, Py_ssize_t n):
     return np.ascontiguousarray(v, dtype=np.float64).reshape(n)
 
 
+cdef enum:
+    STACK_CHANNELS = 128   # Plan.forward reads the bias of up to this many channels on the stack
+
+
 cdef cnp.ndarray vector_copy(object v, Py_ssize_t n, double fill):
     """A new C-contiguous float64 array of n values: v's (as_vector), or `fill` when v is None."""
     cdef cnp.npy_intp dim = n
@@ -150,9 +154,12 @@ cdef class Plan:
         cdef cnp.ndarray w64 = vector_copy(weight, self.C, 1.0)
         cdef Py_ssize_t c
         cdef cnp.ndarray bv
-        cdef double* b = <double*>malloc(self.C * sizeof(double))
-        if b == NULL:
-            raise MemoryError("Plan.forward: no memory for the bias")
+        cdef double stack_bias[STACK_CHANNELS]
+        cdef double* b = stack_bias
+        if self.C > STACK_CHANNELS:
+            b = <double*>malloc(self.C * sizeof(double))
+            if b == NULL:
+                raise MemoryError("Plan.forward: no memory for the bias")
         if bias is None:
             for c in range(self.C):
                 b[c] = 0.0
@@ -163,7 +170,8 @@ cdef class Plan:
         try:
             self._forward(x, y, stats, f64(w64), b, eps, given_mean, given_var)
         finally:
-            free(b)
+            if b != stack_bias:
+                free(b)
         return y, stats, w64
 
     cdef int _forward(self, cnp.ndarray x, cnp.ndarray y, cnp.ndarray stats, const double* w, const double* b,
