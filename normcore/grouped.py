@@ -59,10 +59,11 @@ def group_grouping(N, C, L, G):
 
 class Saved:
     """What backward needs from forward: x as the engine read it (x itself when C-contiguous,
-    its [N, L, C] view when channels-last, else its contiguous copy) and which layout that is, x's shape, the grouping,
-    the group means and rstd, a float64 copy of gamma, and whether the statistics were
-    computed from x (they then depend on x) or given (running statistics, constants). A class
-    with slots rather than a NamedTuple: one is made on every forward, at a third of the cost."""
+    its [N, L, C] view when channels-last, else its contiguous copy) and which layout that is,
+    x's shape, the grouping, the group means and rstd, a float64 copy of gamma, and whether
+    the statistics were computed from x (they then depend on x) or given (running statistics,
+    constants). A class with slots rather than a NamedTuple: one is made on every forward, at
+    a third of the cost."""
 
     __slots__ = ("x2", "channels_last", "shape", "grouping", "mean", "rstd", "weight", "batch_stats")
 

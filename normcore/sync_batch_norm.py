@@ -4,7 +4,7 @@ slices by the processes of an MPI communicator (data-parallel training).
 Forward, in training: each rank computes per-channel (count, mean, M2) of its slice
 (BatchNorm's reduce and combine: the engine's Plan.moments); one collective gathers them, and
 every rank merges the ranks' statistics in rank order with the engine's Chan merge
-(merge_in_order), so every rank holds bitwise the same global mean and variance; then
+(toolkit.merge_moments), so every rank holds bitwise the same global mean and variance; then
 BatchNorm's apply with those statistics. Backward: per-channel (sum dy, sum dy * (x - mean)) of
 each slice (Plan.grad_sums), gathered and summed in rank order the same way; then BatchNorm's
 combine and apply from those global sums (Plan.backward with given sums). The parameter
@@ -29,14 +29,14 @@ import math
 
 import numpy as np
 
-from normcore import docstrings, grouped
-from normcore._kernels.engine import merge_in_order, running_values
+from normcore import docstrings, grouped, toolkit
+from normcore._kernels.engine import running_values
 from normcore.batch_norm import (_BATCH_NORM_ATTRIBUTES, _BATCH_NORM_PARAMETERS, _BatchNorm, check_training_eps,
                                  commit_training_step)
 from normcore.channel_norm import ChannelNorm
 from normcore.module import check_writeable, write_arrays
-from normcore.threads import get_num_threads
 from normcore.registry import register_norm
+from normcore.threads import get_num_threads
 from normcore.validation import as_float_array, check_grad_output
 
 __all__ = ["SyncBatchNorm", "GatheredBatchNorm"]
@@ -51,13 +51,6 @@ def _mpi():
     except ImportError as exc:
         raise ImportError(f"{MPI_HINT} ({exc})") from exc
     return MPI
-
-
-def merge_in_rank_order(counts, means, m2s):
-    """Chan's merge of per-rank (count, mean[C], M2[C]), rank 0 first: (count, mean, M2). The
-    engine's combine (merge_in_order), the one every grouping uses."""
-    f64 = np.ascontiguousarray
-    return merge_in_order(f64(counts, dtype=np.float64), f64(means, dtype=np.float64), f64(m2s, dtype=np.float64))
 
 
 def _grouping(x):
@@ -185,7 +178,8 @@ class GatheredBatchNorm(_BatchNorm):
             error = exc
         gathered = self._gather(local)
         self._raise_if_refused(gathered[:, 0], error)
-        count, mean, m2 = merge_in_rank_order(gathered[:, 1], gathered[:, 2:2 + C], gathered[:, 2 + C:])
+        # the ranks' statistics merged in rank order: the engine's combine
+        count, mean, m2 = toolkit.merge_moments(gathered[:, 1], gathered[:, 2:2 + C], gathered[:, 2 + C:])
         if count == 0:
             # An empty batch on every rank: as BatchNorm, an empty output, the counter counts it,
             # the running statistics stay; backward gives zeros.

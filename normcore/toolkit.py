@@ -26,9 +26,9 @@ import math
 
 import numpy as np
 
-from normcore._kernels.engine import merge_in_order as _merge_in_order
 from normcore._kernels.apply_rows import apply_rows as _apply_rows
 from normcore._kernels.apply_rows import apply_rows_backward as _apply_rows_backward
+from normcore._kernels.engine import merge_in_order as _merge_in_order
 from normcore._kernels.grad_sums import row_grad_sums as _row_grad_sums
 from normcore._kernels.moments import row_moments as _row_moments
 from normcore.module import write_arrays

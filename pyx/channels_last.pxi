@@ -348,11 +348,14 @@ cdef int cl_forward_run(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t
     cdef Py_ssize_t T = N * s.nch, t, n, c
     cdef Py_ssize_t n_co = N if k else 1
     cdef bint par = use_threads(n_threads, N * L * C)
-    # per chunk [T][2][C], per (n, c) [2][N*C], then the coefficients [n_co][4][C] in T
-    cdef double* work = cl_work(&s, (4 * C * n_co * sizeof(floating) + sizeof(double) - 1) // sizeof(double))
-    cdef double* parts = work
-    cdef double* rows = work + 2 * C * T
-    cdef floating* co = <floating*>(rows + 2 * N * C)
+    # the coefficients [n_co][4][C] in T, then (batch statistics) the passes' scratch: per chunk
+    # [T][2][C], per (n, c) [2][N*C]
+    cdef Py_ssize_t n_co_doubles = (4 * C * n_co * sizeof(floating) + sizeof(double) - 1) // sizeof(double)
+    cdef double* work = <double*>malloc((n_co_doubles + (2 * C * T + 2 * N * C if batch_stats else 0))
+                                        * sizeof(double))
+    cdef floating* co = <floating*>work
+    cdef double* parts = work + n_co_doubles
+    cdef double* rows = parts + 2 * C * T
     if work == NULL:
         with gil:
             raise MemoryError("channels-last forward: no memory for the partial moments")

@@ -508,31 +508,27 @@ def rows_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean_, cnp.ndarray 
 def window_forward(cnp.ndarray x, Py_ssize_t size, double alpha, double beta, double k, int n_threads):
     """y of LocalResponseNorm: x [N, C, P] C-contiguous float32 or float64, N, C, P >= 1;
     size >= 1 (the caller's window: at most 2C + 1)."""
-    cdef cnp.ndarray y = cnp.PyArray_EMPTY(3, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
-    cdef Py_ssize_t N = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1), P = cnp.PyArray_DIM(x, 2)
-    cdef void* xp = cnp.PyArray_DATA(x)
-    cdef void* yp = cnp.PyArray_DATA(y)
-    if is_float32(x):
-        with nogil:
-            lrn_run(<const float*>NULL, <const float*>xp, <float*>yp, N, C, P, size, alpha, beta, k, n_threads)
-    else:
-        with nogil:
-            lrn_run(<const double*>NULL, <const double*>xp, <double*>yp, N, C, P, size, alpha, beta, k, n_threads)
-    return y
+    return window_run(None, x, size, alpha, beta, k, n_threads)
 
 
 def window_backward(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t size, double alpha, double beta, double k,
                     int n_threads):
     """dx of window_forward's y for x, recomputing its window sums; dy C-contiguous like x."""
-    cdef cnp.ndarray dx = cnp.PyArray_EMPTY(3, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+    return window_run(dy, x, size, alpha, beta, k, n_threads)
+
+
+cdef cnp.ndarray window_run(object dy, cnp.ndarray x, Py_ssize_t size, double alpha, double beta, double k,
+                            int n_threads):
+    """lrn_run on the arrays: y of x when dy is None, else dx."""
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(3, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
     cdef Py_ssize_t N = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1), P = cnp.PyArray_DIM(x, 2)
-    cdef void* dyp = cnp.PyArray_DATA(dy)
+    cdef void* dyp = NULL if dy is None else cnp.PyArray_DATA(<cnp.ndarray>dy)
     cdef void* xp = cnp.PyArray_DATA(x)
-    cdef void* dxp = cnp.PyArray_DATA(dx)
+    cdef void* op = cnp.PyArray_DATA(out)
     if is_float32(x):
         with nogil:
-            lrn_run(<const float*>dyp, <const float*>xp, <float*>dxp, N, C, P, size, alpha, beta, k, n_threads)
+            lrn_run(<const float*>dyp, <const float*>xp, <float*>op, N, C, P, size, alpha, beta, k, n_threads)
     else:
         with nogil:
-            lrn_run(<const double*>dyp, <const double*>xp, <double*>dxp, N, C, P, size, alpha, beta, k, n_threads)
-    return dx
+            lrn_run(<const double*>dyp, <const double*>xp, <double*>op, N, C, P, size, alpha, beta, k, n_threads)
+    return out
