@@ -168,6 +168,8 @@ def check_positive_int(value, name):
 def _real_as_float(value, name, rule):
     """A real number (not a bool) as a float; an int beyond float's range is a ValueError with
     the rule's words, as inf would be, rather than float()'s OverflowError."""
+    if type(value) is float:  # the usual case, without the ABC check below
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     try:
@@ -263,7 +265,7 @@ def check_functional_bool(value, function, name):
 def check_functional_float(value, function, name):
     """A float argument of a functional form (an int is accepted, None is not: torch's
     TypeError), finite."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{function}(): argument '{name}' must be float, not {type(value).__name__}")
     return check_finite_real(value, name)
 

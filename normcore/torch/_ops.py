@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from normcore import functional as core
-from normcore.channel_norm import backward_from_stats
+from normcore.channel_norm import backward_from_stats, backward_saved
 from normcore.layer_norm import layer_norm_backward, layer_norm_resume
 from normcore.local_response_norm import local_response_norm_backward, lrn_resume
 
@@ -177,10 +177,10 @@ def _commit(running):
         rv[...] = new_var
 
 
-def _batch_norm_arrays(input, weight, bias, running_mean, running_var, training, momentum, eps):
-    """batch_norm, changing nothing: (y, its ForwardRecord, the length of its statistics,
-    (running_mean, running_var, their new float64 values or None) as arrays)."""
-    x = dense(input)
+def _batch_norm_arrays(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """batch_norm of a dense x (``dense``), changing nothing: (y, its ForwardRecord, the length
+    of its statistics, (running_mean, running_var, their new float64 values or None) as
+    arrays)."""
     rm, rv = array(running_mean), array(running_var)
     y, record, new = core.batch_norm_step(array(x), rm, rv, array(weight), array(bias), training, momentum, eps)
     return like(y, x), record, x.shape[1], (rm, rv, new)
@@ -189,7 +189,7 @@ def _batch_norm_arrays(input, weight, bias, running_mean, running_var, training,
 def _batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], training: bool, momentum: float, eps: float
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    y, record, n, running = _batch_norm_arrays(input, weight, bias, running_mean, running_var, training, momentum,
+    y, record, n, running = _batch_norm_arrays(dense(input), weight, bias, running_mean, running_var, training, momentum,
                                                eps)
     return y, *_record_stats(record, n), *_running_new(running, training and running_mean is not None)
 
@@ -208,10 +208,9 @@ def _(input, weight, bias, running_mean, running_var, training, momentum, eps):
             *_fake_running(x, running_mean, running_var, training and running_mean is not None))
 
 
-def _instance_norm_arrays(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps):
+def _instance_norm_arrays(x, weight, bias, running_mean, running_var, use_input_stats, momentum, eps):
     """instance_norm, changing nothing, as _batch_norm_arrays: the statistics per (n, c) with
     the input's own, per c with the running ones."""
-    x = dense(input)
     rm, rv = array(running_mean), array(running_var)
     y, record, new = core.instance_norm_step(array(x), rm, rv, array(weight), array(bias), use_input_stats,
                                              momentum, eps)
@@ -222,7 +221,7 @@ def _instance_norm_arrays(input, weight, bias, running_mean, running_var, use_in
 def _instance_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
                    running_var: Optional[Tensor], use_input_stats: bool, momentum: float, eps: float
                    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    y, record, n, running = _instance_norm_arrays(input, weight, bias, running_mean, running_var, use_input_stats,
+    y, record, n, running = _instance_norm_arrays(dense(input), weight, bias, running_mean, running_var, use_input_stats,
                                                   momentum, eps)
     return y, *_record_stats(record, n), *_running_new(running, use_input_stats and running_mean is not None)
 
@@ -241,16 +240,15 @@ def _(input, weight, bias, running_mean, running_var, use_input_stats, momentum,
             *_fake_running(x, running_mean, running_var, use_input_stats and running_mean is not None))
 
 
-def _group_norm_arrays(input, num_groups, weight, bias, eps):
+def _group_norm_arrays(x, num_groups, weight, bias, eps):
     """group_norm, as _batch_norm_arrays (no running statistics)."""
-    x = dense(input)
     y, record = core.group_norm_step(array(x), num_groups, array(weight), array(bias), eps)
     return like(y, x), record, x.shape[0] * num_groups, None
 
 
 def _group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
                 ) -> tuple[Tensor, Tensor, Tensor]:
-    y, record, n, _ = _group_norm_arrays(input, num_groups, weight, bias, eps)
+    y, record, n, _ = _group_norm_arrays(dense(input), num_groups, weight, bias, eps)
     return y, *_record_stats(record, n)
 
 
@@ -326,21 +324,31 @@ class _Grouped:
         dx, dweight, dbias = grouped_norm_backward(dy, x, weight, mean, rstd, ctx.groups, ctx.batch_stats)
         return self._place(ctx, dx, _grad_of_tensor(dweight, weight), _grad_of_tensor(dbias, ctx.bias))
 
+    def keep(self, ctx, inputs, record, n):
+        """What the eager backward needs: the forward's record itself (the NumPy layer's, so
+        nothing is rebuilt) and its inputs; x and the weight also saved for autograd's check
+        that they were not modified in place before backward."""
+        ctx.save_for_backward(inputs[self.positions[0]], inputs[self.positions[1]])
+        ctx.record, ctx.n_stats, ctx.inputs = record, n, inputs
+
     def eager_backward(self, ctx, dy):
+        x, weight = ctx.saved_tensors
+        bias = ctx.inputs[self.positions[2]]
         if torch.is_grad_enabled():  # create_graph=True: through the op, which refuses double backward
-            return self.op_backward(ctx, dy)
-        x, weight, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias = _grouped_backward_arrays(dy, x, weight, mean, rstd, ctx.groups, ctx.batch_stats)
-        return self._place(ctx, dx, _grad_of(dweight, weight), _grad_of(dbias, ctx.bias))
+            mean, rstd = _record_stats(ctx.record, ctx.n_stats)
+            dx, dweight, dbias = grouped_norm_backward(dy, x, weight, mean, rstd, *self.groups_of(ctx.inputs))
+            return self._place(ctx, dx, _grad_of_tensor(dweight, weight), _grad_of_tensor(dbias, bias))
+        dx, dweight, dbias = backward_saved(array(dy), ctx.record)
+        return self._place(ctx, like(dx, x), _grad_of(dweight, weight), _grad_of(dbias, bias))
 
 
 def _grouped_eager(name, formula, compute):
     """The eager Function of a grouped-norm op: computes, writes the new running statistics,
-    saves for backward, returns y."""
+    keeps the record for backward, returns y."""
     def forward(ctx, *args):
         y, record, n, running = compute(*args)
         _commit(running)
-        formula.setup(ctx, args, *_record_stats(record, n))
+        formula.keep(ctx, args, record, n)
         return y
 
     return eager_function(name, forward, formula.eager_backward, f"The eager path of normcore::{name}.")
